@@ -1,0 +1,238 @@
+"""The `chestdx` command line: train, evaluate, predict, datasets, models.
+
+Every user-facing failure (bad input file, missing data or weights) is printed as one line
+naming the file and the problem, with a non-zero exit status and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from chestdx.errors import ChestDxError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="chestdx: attention-guided diagnosis of chest X-ray and CT images (research use only).")
+datasets_app = typer.Typer(no_args_is_help=True, help="List, describe and check datasets and manifests.")
+app.add_typer(datasets_app, name="datasets")
+console = Console()
+err_console = Console(stderr=True)
+
+
+@app.command()
+def train(
+    config: Path = typer.Option(..., "--config", "-c", help="experiment YAML, e.g. configs/ladnn_covidct.yaml"),
+    run_dir: Path = typer.Option(None, "--run-dir", help="output folder (default runs/<config name>)"),
+    set_: List[str] = typer.Option([], "--set", help="override, e.g. --set train.epochs=5"),
+    install: bool = typer.Option(False, "--install", help="also install the model as the default for predict"),
+    evaluate_after: bool = typer.Option(True, "--evaluate/--no-evaluate", help="evaluate on val/test afterwards"),
+):
+    """Train a model (resumes from the run folder's last checkpoint if there is one)."""
+    from chestdx.train.config import load_config
+    from chestdx.train.run import fit
+
+    cfg = load_config(config, set_)
+    run_dir = run_dir or Path("runs") / cfg["name"]
+    model_path = fit(cfg, run_dir, progress=sys.stderr.isatty())
+    console.print(f"model: {model_path}")
+    if install:
+        _install(model_path)
+    if evaluate_after:
+        _evaluate(model_path, run_dir / "eval", None, cfg["evaluate"]["bootstrap"])
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="model bundle (default: the installed model)"),
+    out: Path = typer.Option(Path("runs/eval"), "--out", help="report folder"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="named dataset (default: the model's)"),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="bootstrap resamples for the 95% CIs"),
+):
+    """Evaluate on the dataset's val and test splits; write metrics.json, figures and a report."""
+    _evaluate(checkpoint or _default_model(), out, dataset, bootstrap)
+
+
+def _evaluate(model_path, out, dataset, bootstrap):
+    from chestdx.evaluate.run import evaluate_bundle
+
+    metrics = evaluate_bundle(model_path, out, dataset=dataset, n_boot=bootstrap)
+    t = metrics["test"]["at_0.5"]
+    console.print(f"test AUC {t['auc']:.3f} [{t['auc_ci'][0]:.3f}, {t['auc_ci'][1]:.3f}]  accuracy {t['accuracy']:.3f}  "
+                  f"sensitivity {t['sensitivity']:.3f}  specificity {t['specificity']:.3f}  F1 {t['f1']:.3f}")
+    console.print(f"report: {Path(out) / 'report.html'}")
+
+
+@app.command()
+def predict(
+    inputs: List[Path] = typer.Argument(..., help="PNG/JPEG/DICOM files or folders"),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="model bundle (default: the installed model)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write .csv or .json here instead of printing"),
+):
+    """Predict class (and lesion) probabilities for image files."""
+    from chestdx.inference import Predictor, expand_inputs
+
+    predictor = Predictor(checkpoint or _default_model())
+    files = expand_inputs(inputs)
+    if not files:
+        raise ChestDxError("no image files found in the given inputs")
+    rows, failed = [], 0
+    for path in files:
+        try:
+            rows.append({"path": str(path), **predictor.predict_source(path)})
+        except ChestDxError as err:
+            failed += 1
+            err_console.print(f"error: {err}", highlight=False, soft_wrap=True)
+    if out:
+        _write_predictions(rows, out)
+        console.print(f"{len(rows)} prediction(s) written to {out}")
+    elif rows:
+        print(json.dumps(rows, indent=2))
+    if failed:
+        raise typer.Exit(code=2)
+
+
+def _write_predictions(rows, out: Path):
+    from chestdx.utils import write_json_atomic, write_text_atomic
+
+    if out.suffix.lower() == ".json":
+        write_json_atomic(out, rows)
+        return
+    import pandas as pd
+
+    flat = []
+    for r in rows:
+        item = {"path": r["path"], "prediction": r["prediction"], "threshold": r["threshold"]}
+        item.update({f"p_{k}": v for k, v in r["probabilities"].items()})
+        item.update({f"p_{k}": v for k, v in r.get("lesions", {}).items()})
+        flat.append(item)
+    write_text_atomic(out, pd.DataFrame(flat).to_csv(index=False, float_format="%.5f"))
+
+
+@app.command()
+def models():
+    """List the model registry and the backbones."""
+    from chestdx.models import BACKBONES, get_entry, list_models
+
+    table = Table(title="chestdx models")
+    for col in ("name", "modality", "classes", "lesions", "description"):
+        table.add_column(col)
+    for name in list_models():
+        e = get_entry(name)
+        table.add_row(name, e.modality, ", ".join(e.classes), ", ".join(e.lesions) or "-", e.description)
+    console.print(table)
+    console.print("backbones: " + ", ".join(f"{k} ({v.timm_name})" for k, v in sorted(BACKBONES.items())))
+    from chestdx.settings import default_model_path
+
+    path = default_model_path()
+    console.print(f"installed default model: {path if path.exists() else 'none (run make demo)'}")
+
+
+@datasets_app.command("list")
+def datasets_list():
+    """Named datasets and whether they are present."""
+    from chestdx.data.datasets import DATASETS
+
+    table = Table(title="datasets")
+    for col in ("name", "modality", "present", "folder", "description"):
+        table.add_column(col)
+    for info in DATASETS.values():
+        table.add_row(info.name, info.modality, "yes" if (info.folder() / "manifest.csv").exists() else "no",
+                      str(info.folder()), info.description)
+    console.print(table)
+
+
+@datasets_app.command("describe")
+def datasets_describe(name: str):
+    """Counts per split and label, patients, and where the original comes from."""
+    from chestdx.data.datasets import get_dataset
+
+    info = get_dataset(name)
+    frame = info.manifest().frame
+    console.print(f"[bold]{info.name}[/bold]: {info.description}\nfolder: {info.folder()}\nsource: {info.source}")
+    counts = frame.groupby(["split", frame.columns[1] if "label" not in frame else "label"]).size().unstack(fill_value=0)
+    console.print(counts.to_string())
+    console.print(f"patients: {frame['patient_id'].nunique()}, images: {len(frame)}")
+
+
+@datasets_app.command("check")
+def datasets_check(manifest: Path, label_column: str = typer.Option("label", "--label-column"),
+                   read_images: bool = typer.Option(True, "--read-images/--no-read-images")):
+    """Check a manifest: columns, labels, patient leakage across splits, and every image readable."""
+    from chestdx.data.io import read_image
+    from chestdx.data.manifest import Manifest
+
+    m = Manifest.from_csv(manifest, label_column=label_column)
+    bad = 0
+    if read_images:
+        from rich.progress import track
+
+        for path in track(m.paths(), description="Reading images", console=err_console):
+            try:
+                read_image(path)
+            except ChestDxError as err:
+                bad += 1
+                err_console.print(f"error: {err}", highlight=False)
+    console.print(f"{manifest}: {len(m)} rows, {m.frame['patient_id'].nunique()} patients, classes {list(m.classes)}, "
+                  f"no patient in two splits, {bad} unreadable image(s)")
+    if bad:
+        raise typer.Exit(code=2)
+
+
+def _default_model() -> Path:
+    from chestdx.settings import default_model_path
+
+    path = default_model_path()
+    if not path.exists():
+        raise ChestDxError(f"no model given and none installed at {path}; run `make demo` or pass --checkpoint")
+    return path
+
+
+def _install(model_path: Path) -> None:
+    import shutil
+
+    from chestdx.settings import default_model_path
+    from chestdx.utils import atomic_path
+
+    target = default_model_path()
+    with atomic_path(target) as tmp:
+        shutil.copyfile(model_path, tmp)
+    console.print(f"installed as the default model: {target}")
+
+
+@app.command()
+def install(checkpoint: Path = typer.Argument(..., help="model bundle to use by default")):
+    """Make a model bundle the default for predict/evaluate."""
+    from chestdx.models.bundle import load_bundle
+
+    load_bundle(checkpoint)  # refuse to install something unusable
+    _install(checkpoint)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except ChestDxError as err:
+        err_console.print(f"error: {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Patient-level splits: a patient in two splits is an error, never a warning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from chestdx.errors import DataLeakageError
+
+
+def check_no_leakage(patients, splits) -> None:
+    """Raise DataLeakageError naming the patients that appear in more than one split."""
+    frame = pd.DataFrame({"patient": np.asarray(patients, dtype=str), "split": np.asarray(splits)})
+    frame = frame.dropna()
+    counts = frame.groupby("patient")["split"].nunique()
+    leaked = counts[counts > 1]
+    if len(leaked):
+        names = ", ".join(leaked.index[:5])
+        more = f" and {len(leaked) - 5} more" if len(leaked) > 5 else ""
+        raise DataLeakageError(f"{len(leaked)} patient(s) appear in more than one split: {names}{more}")
+
+
+def stratified_group_kfold(labels, patients, n_splits: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train_idx, test_idx) per fold; folds are disjoint in patients and close in class balance."""
+    labels = np.asarray(labels)
+    patients = np.asarray(patients, dtype=str)
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    folds = list(splitter.split(np.zeros(len(labels)), labels, patients))
+    for train_idx, test_idx in folds:
+        tags = np.empty(len(labels), dtype=object)
+        tags[train_idx], tags[test_idx] = "train", "test"
+        check_no_leakage(patients, tags)
+    return folds
+
+
+def train_val_test_split(labels, patients, val: float = 0.15, test: float = 0.25, seed: int = 0) -> np.ndarray:
+    """Assign 'train'/'val'/'test' per row by patient (the LA-DNN paper's 60/15/25)."""
+    labels = np.asarray(labels)
+    patients = np.asarray(patients, dtype=str)
+    out = np.full(len(labels), "train", dtype=object)
+    n_test = max(2, round(1 / test))
+    _, test_idx = stratified_group_kfold(labels, patients, n_splits=n_test, seed=seed)[0]
+    out[test_idx] = "test"
+    rest = np.flatnonzero(out == "train")
+    n_val = max(2, round((1 - test) / val))
+    _, val_rel = stratified_group_kfold(labels[rest], patients[rest], n_splits=n_val, seed=seed)[0]
+    out[rest[val_rel]] = "val"
+    check_no_leakage(patients, out)
+    return out

@@ -1,0 +1,103 @@
+"""A report a person can open: Markdown and HTML with our numbers beside the paper's."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from chestdx.utils import write_text_atomic
+
+ROWS = ("sensitivity", "specificity", "auc", "f1", "accuracy")
+
+
+def _fmt(metrics: dict, key: str) -> str:
+    value = metrics.get(key)
+    if value is None:
+        return "-"
+    ci = metrics.get(f"{key}_ci")
+    text = f"{100 * value:.1f}"
+    return f"{text} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else text
+
+
+def report_markdown(metrics: dict, config: dict) -> str:
+    test = metrics["test"]
+    paper = config.get("paper", {}).get("results", {})
+    lines = [
+        f"# {config.get('name', 'chestdx')}: {metrics['model']} ({metrics['backbone']}) on {metrics['dataset']}",
+        "",
+        f"Test split: {metrics['n_test']} images of {metrics['n_test_patients']} patients. "
+        f"Model selected on validation AUC only; test set reported once. 95% CIs by bootstrap over patients.",
+        "",
+        "| metric (%) | ours, threshold 0.5 | ours, validation threshold "
+        f"{metrics['threshold_from_validation']:.3f} | paper |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key in ROWS:
+        paper_value = paper.get(key)
+        lines.append(f"| {key} | {_fmt(test['at_0.5'], key)} | {_fmt(test['at_val_threshold'], key)} | "
+                     f"{'-' if paper_value is None else f'{paper_value:.1f}'} |")
+    if config.get("paper", {}).get("source"):
+        lines += ["", f"Paper figures: {config['paper']['source']}."]
+    if "test_lesions" in metrics:
+        les = metrics["test_lesions"]
+        lines += ["", f"Lesion head on the {les['lesion_n']} test images with known lesion labels: "
+                      f"accuracy {100 * les['lesion_accuracy']:.1f}%, Hamming loss {les['hamming_loss']:.3f}."]
+    if "shortcut_probe" in metrics:
+        sp = metrics["shortcut_probe"]
+        lines += ["", "## Shortcut check", "",
+                  "In covid-ct every COVID image is a PNG while about half of the negatives are JPEGs, so a model "
+                  "can learn compression artefacts instead of disease.", "",
+                  f"- test AUC on the images as stored: {sp['auc_original']:.3f}",
+                  f"- test AUC with every test image re-encoded as JPEG (q75): {sp['auc_all_jpeg']:.3f}"]
+        if "auc_trained_with_jpeg_aug" in sp:
+            lines.append(f"- test AUC of a model trained with random JPEG re-compression: "
+                         f"{sp['auc_trained_with_jpeg_aug']:.3f}")
+    lines += ["", "## Figures", "", "![ROC](roc.png) ![Precision-recall](pr.png) ![Confusion](confusion.png)", "",
+              "Per-image predictions: `predictions_test.csv`; all numbers: `metrics.json`.", "",
+              "Research use only; not for diagnosis."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(metrics: dict, config: dict, out_dir) -> None:
+    out_dir = Path(out_dir)
+    md = report_markdown(metrics, config)
+    write_text_atomic(out_dir / "report.md", md)
+    write_text_atomic(out_dir / "report.html", markdown_to_html(md))
+
+
+def markdown_to_html(md: str) -> str:
+    """Just enough Markdown for our reports: headings, tables, lists, images, paragraphs."""
+    import re
+
+    body, table = [], []
+
+    def flush_table():
+        if table:
+            rows = [r for r in table if not set(r.replace("|", "").strip()) <= set("- ")]
+            cells = [[html.escape(c.strip()) for c in r.strip("|").split("|")] for r in rows]
+            head = "".join(f"<th>{c}</th>" for c in cells[0])
+            rest = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in cells[1:])
+            body.append(f"<table><tr>{head}</tr>{rest}</table>")
+            table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        text = html.escape(line)
+        text = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", r'<img alt="\1" src="\2" style="max-width:32%">', text)
+        text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+        if line.startswith("# "):
+            body.append(f"<h1>{text[2:]}</h1>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{text[3:]}</h2>")
+        elif line.startswith("- "):
+            body.append(f"<li>{text[2:]}</li>")
+        elif line.strip():
+            body.append(f"<p>{text}</p>")
+    flush_table()
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>" + \
+        "\n".join(body) + "</body></html>\n"

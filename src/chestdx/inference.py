@@ -1,0 +1,71 @@
+"""Inference with a model bundle: files or arrays in, class and lesion probabilities out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chestdx.data.io import read_image
+from chestdx.data.transforms import build_pipeline
+from chestdx.errors import InputError
+from chestdx.models.bundle import load_bundle
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""}
+
+
+class Predictor:
+    def __init__(self, bundle_path):
+        self.model, self.bundle = load_bundle(bundle_path)
+        self.path = Path(bundle_path)
+        self.load_steps, self.sample_steps = build_pipeline(self.bundle["preprocess"], train=False)
+        self.threshold = float(self.bundle.get("threshold", 0.5))
+        self.tta = bool(self.bundle.get("tta", False))
+
+    def preprocess(self, gray: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.sample_steps(self.load_steps(gray)))[None]
+
+    @torch.no_grad()
+    def predict_tensor(self, x: torch.Tensor) -> dict:
+        """x: (B, 1, H, W), preprocessed. Returns probabilities (numpy)."""
+        views = [x, x.flip(-1)] if self.tta else [x]
+        covid, lesions = [], []
+        for view in views:
+            out = self.model(view)
+            covid.append(torch.sigmoid(out["logits"]))
+            if "lesion_logits" in out:
+                lesions.append(torch.sigmoid(out["lesion_logits"]))
+        result = {"probability": torch.stack(covid).mean(0).numpy()}
+        if lesions:
+            result["lesions"] = torch.stack(lesions).mean(0).numpy()
+        return result
+
+    def predict_source(self, source, name: str | None = None) -> dict:
+        image = read_image(source, name=name)
+        if image.meta.get("frames", 1) > 1:
+            raise InputError(name or source, f"{image.meta['frames']}-frame DICOM given to a 2D model; send one slice")
+        out = self.predict_tensor(self.preprocess(image.to_gray()))
+        return self.describe(float(out["probability"][0]), out.get("lesions", [None])[0])
+
+    def describe(self, p: float, lesions=None) -> dict:
+        classes = self.bundle["classes"]
+        result = {
+            "probabilities": {classes[0]: 1 - p, classes[1]: p},
+            "prediction": classes[1] if p >= self.threshold else classes[0],
+            "threshold": self.threshold,
+        }
+        if lesions is not None:
+            result["lesions"] = {name: float(v) for name, v in zip(self.bundle["lesions"], lesions)}
+        return result
+
+
+def expand_inputs(inputs) -> list[Path]:
+    """Files as given; folders expanded to the image files inside them (sorted)."""
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(item)
+    return files

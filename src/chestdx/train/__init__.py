@@ -1,0 +1,1 @@
+"""Training: YAML configs with overrides, the Lightning module and the run driver."""

@@ -1,0 +1,64 @@
+"""Experiment configs: one YAML per paper reproduction, with dotted command-line overrides."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from chestdx.errors import ChestDxError
+
+DEFAULTS = {
+    "name": "experiment",
+    "dataset": "covid-ct",
+    "model": {"name": "ladnn", "backbone": "efficientnet_lite0", "pretrained": "imagenet", "dropout": 0.2,
+              "drop_path": 0.0},
+    "preprocess": {"size": 224, "resize": "pad", "channels": 1, "clahe": False, "zscore": False},
+    "augment": {"affine": True, "shear": 0.2, "scale": [0.8, 1.2], "hflip": 0.5, "jpeg": 0.0,
+                "brightness_contrast": 0.0},
+    "train": {"epochs": 20, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-2, "warmup_epochs": 1,
+              "lesion_weight": 1.0, "label_smoothing": 0.0, "seed": 0, "patience": 10, "num_workers": 0,
+              "limit_per_split": 0},
+    "evaluate": {"tta": True, "bootstrap": 1000},
+}
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (update or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path=None, overrides=()) -> dict:
+    cfg = copy.deepcopy(DEFAULTS)
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ChestDxError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ChestDxError(f"{path}: not valid YAML ({err})") from None
+        cfg = deep_merge(cfg, loaded)
+    for item in overrides:
+        apply_override(cfg, item)
+    return cfg
+
+
+def apply_override(cfg: dict, item: str) -> None:
+    """`a.b=value`, the value parsed as YAML (numbers, booleans, lists)."""
+    if "=" not in item:
+        raise ChestDxError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    node = cfg
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ChestDxError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)

@@ -1,0 +1,116 @@
+"""Train one experiment: data, Lightning Trainer, best-on-validation checkpoint, model bundle.
+
+A run folder holds Lightning's checkpoints (`last.ckpt` every epoch, `best.ckpt` on
+validation AUC), CSV logs and the final `model.pt` bundle. Re-running the same command after
+a kill resumes from `last.ckpt`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from chestdx.data.dataset import ManifestDataset
+from chestdx.data.datasets import get_dataset
+from chestdx.data.transforms import build_pipeline
+from chestdx.evaluate.metrics import youden_threshold
+from chestdx.models.bundle import make_bundle, save_bundle
+from chestdx.train.module import ClassifierModule
+from chestdx.utils import write_json_atomic
+
+
+def build_datasets(cfg: dict, progress: bool = True) -> dict:
+    info = get_dataset(cfg["dataset"])
+    manifest = info.manifest()
+    pre = dict(cfg["preprocess"])
+    if "mean" not in pre:
+        from chestdx.models.bundle import _normalisation
+
+        pre.update(_normalisation(cfg["model"]["backbone"]))
+    cfg["preprocess"] = pre
+    limit = int(cfg["train"].get("limit_per_split") or 0)
+    out = {"fingerprint": None}
+    subsets = {}
+    for split in ("train", "val"):
+        sub = manifest.subset(split)
+        if limit:
+            rng = np.random.default_rng(cfg["train"]["seed"])
+            sub = sub.take(sorted(rng.choice(len(sub), size=min(limit, len(sub)), replace=False)))
+        subsets[split] = sub
+        load, sample = build_pipeline(pre, train=split == "train", aug=cfg["augment"])
+        out[split] = ManifestDataset(sub, load, sample, seed=cfg["train"]["seed"], progress=progress)
+    out["fingerprint"] = f"{subsets['train'].fingerprint()}-{subsets['val'].fingerprint()}"
+    return out
+
+
+def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None) -> Path:
+    """Train (or resume) and write `<run_dir>/model.pt`; returns its path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t = cfg["train"]
+    L.seed_everything(t["seed"], workers=True, verbose=False)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    data = datasets or build_datasets(cfg, progress)
+    train_loader = DataLoader(data["train"], batch_size=t["batch_size"], shuffle=True, drop_last=True,
+                              num_workers=t["num_workers"], persistent_workers=False)
+    val_loader = DataLoader(data["val"], batch_size=64, shuffle=False, num_workers=t["num_workers"])
+    module = ClassifierModule(cfg)
+    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_auc", mode="max",
+                           save_last=True, save_top_k=1)
+    callbacks = [best, EarlyStopping(monitor="val_auc", mode="max", patience=t["patience"])]
+    if progress:
+        callbacks.append(_progress_bar())
+    trainer = L.Trainer(max_epochs=t["epochs"], accelerator="auto", devices=1, callbacks=callbacks,
+                        logger=CSVLogger(run_dir, name="logs", version=0), deterministic=False,
+                        enable_progress_bar=progress, log_every_n_steps=5, num_sanity_val_steps=0,
+                        enable_model_summary=False)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    started = time.time()
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if last.exists() else None)
+    seconds = time.time() - started
+    epochs_run = max(1, trainer.current_epoch)
+
+    best_path = best.best_model_path or str(last)
+    state = torch.load(best_path, map_location="cpu", weights_only=False)
+    module.load_state_dict(state["state_dict"])
+    module.eval()
+    val_metrics = _validation_summary(module, val_loader)
+    bundle = make_bundle(module.model, cfg, data_fingerprint=data["fingerprint"],
+                         validation=val_metrics, best_epoch=_best_epoch(state), seconds_per_epoch=seconds / epochs_run)
+    bundle["threshold"] = val_metrics["youden_threshold"]
+    path = save_bundle(bundle, run_dir / "model.pt")
+    write_json_atomic(run_dir / "train_summary.json", {k: v for k, v in bundle.items() if k != "state_dict"})
+    return path
+
+
+def _best_epoch(state) -> int | None:
+    return state.get("epoch")
+
+
+@torch.no_grad()
+def _validation_summary(module, loader) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    probs, targets = [], []
+    for batch in loader:
+        x = batch["image"]
+        p = (torch.sigmoid(module(x)["logits"]) + torch.sigmoid(module(x.flip(-1))["logits"])) / 2
+        probs.append(p)
+        targets.append(batch["target"])
+    p, y = torch.cat(probs).numpy(), torch.cat(targets).numpy()
+    return {"auc": float(roc_auc_score(y, p)), "accuracy": float(((p >= 0.5) == y).mean()),
+            "youden_threshold": youden_threshold(y, p)}
+
+
+def _progress_bar():
+    try:
+        return RichProgressBar(leave=True)
+    except Exception:  # rich missing in a minimal install
+        return TQDMProgressBar()
