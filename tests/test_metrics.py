@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+
+from chestdx.evaluate import binary_metrics, bootstrap_ci, lesion_metrics, youden_threshold
+
+
+@pytest.fixture
+def scores():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    p = np.clip(0.35 * y + 0.65 * rng.random(300), 0, 1)
+    return y, p
+
+
+def test_binary_metrics_agree_with_scikit_learn(scores):
+    y, p = scores
+    for thr in (0.3, 0.5, 0.7):
+        m = binary_metrics(y, p, thr)
+        pred = (p >= thr).astype(int)
+        assert m["auc"] == pytest.approx(roc_auc_score(y, p))
+        assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+        assert m["sensitivity"] == pytest.approx(recall_score(y, pred))
+        assert m["specificity"] == pytest.approx(recall_score(1 - y, 1 - pred))
+        assert m["precision"] == pytest.approx(precision_score(y, pred))
+        assert m["f1"] == pytest.approx(f1_score(y, pred))
+
+
+def test_youden_threshold_separates_a_separable_problem():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.8])
+    t = youden_threshold(y, p)
+    assert 0.3 < t <= 0.6
+    assert binary_metrics(y, p, t)["accuracy"] == 1.0
+
+
+def test_bootstrap_ci_brackets_the_estimate_and_narrows_with_data(scores):
+    y, p = scores
+    groups = np.arange(len(y)) // 2  # two images per patient
+    ci = bootstrap_ci(y, p, groups, lambda a, b: {"auc": roc_auc_score(a, b)}, n=300, seed=0)["auc"]
+    assert ci[0] < roc_auc_score(y, p) < ci[1]
+    small = bootstrap_ci(y[:60], p[:60], groups[:60], lambda a, b: {"auc": roc_auc_score(a, b)}, n=300)["auc"]
+    assert (small[1] - small[0]) > (ci[1] - ci[0])
+
+
+def test_bootstrap_resamples_patients_not_images():
+    # One patient holds all the errors; resampling patients makes the CI wide, images would not.
+    y = np.array([1] * 50 + [0] * 50)
+    p = np.array([0.9] * 50 + [0.1] * 40 + [0.95] * 10)
+    one_patient = np.array([f"p{i}" for i in range(90)] + ["bad"] * 10)
+    ci = bootstrap_ci(y, p, one_patient, lambda a, b: {"acc": float(((b >= 0.5) == a).mean())}, n=400)["acc"]
+    assert ci[1] == pytest.approx(1.0) and ci[0] < 0.95
+
+
+def test_lesion_metrics_hand_computed():
+    y = np.array([[1, 0, 0, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    p = np.array([[0.9, 0.1, 0.6, 0.8, 0.2], [0.9, 0.9, 0.9, 0.9, 0.9], [0.1] * 5])
+    known = np.array([[1] * 5, [0] * 5, [1] * 5])  # row 2 unknown (a negative)
+    m = lesion_metrics(y, p, known)
+    # Row 1: one wrong of five; row 3: all five wrong -> 6 / 10.
+    assert m["hamming_loss"] == pytest.approx(0.6) and m["lesion_accuracy"] == pytest.approx(0.4)
+    assert m["lesion_n"] == 2
