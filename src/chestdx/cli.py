@@ -216,7 +216,8 @@ def install(checkpoint: Path = typer.Argument(..., help="model bundle to use by 
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns the exit code of typer.Exit instead of exiting.
+        code = app(standalone_mode=False)
     except ChestDxError as err:
         err_console.print(f"error: {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -225,13 +226,13 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("aborted")
         sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:  # usage errors from typer's click (a vendored copy in recent typer)
+        if type(exc).__name__ in ("UsageError", "BadParameter", "NoSuchOption", "MissingParameter",
+                                  "BadOptionUsage", "BadArgumentUsage", "ClickException", "FileError"):
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ class Predictor:
         self.tta = bool(self.bundle.get("tta", False))
 
     def preprocess(self, gray: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(self.sample_steps(self.load_steps(gray)))[None]
+        return torch.from_numpy(np.ascontiguousarray(self.sample_steps(self.load_steps(gray))))[None, None]
 
     @torch.no_grad()
     def predict_tensor(self, x: torch.Tensor) -> dict:

@@ -1,7 +1,8 @@
 """Train one experiment: data, Lightning Trainer, best-on-validation checkpoint, model bundle.
 
 A run folder holds Lightning's checkpoints (`last.ckpt` every epoch, `best.ckpt` on
-validation AUC), CSV logs and the final `model.pt` bundle. Re-running the same command after
+validation AUC), CSV logs (a new `logs/version_N` per invocation, so a resumed run keeps the
+earlier epochs' log) and the final `model.pt` bundle. Re-running the same command after
 a kill resumes from `last.ckpt`.
 """
 
@@ -68,7 +69,7 @@ def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None)
     if progress:
         callbacks.append(_progress_bar())
     trainer = L.Trainer(max_epochs=t["epochs"], accelerator="auto", devices=1, callbacks=callbacks,
-                        logger=CSVLogger(run_dir, name="logs", version=0), deterministic=False,
+                        logger=CSVLogger(run_dir, name="logs"), deterministic=False,
                         enable_progress_bar=progress, log_every_n_steps=5, num_sanity_val_steps=0,
                         enable_model_summary=False)
     last = run_dir / "checkpoints" / "last.ckpt"
