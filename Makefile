@@ -6,6 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_RUN := runs/demo
+# Extra training options for the demo, e.g. make demo DEMO_ARGS="--set train.epochs=2"
+DEMO_ARGS ?=
 CHESTDX_HOME ?= $(HOME)/.chestdx
 export CHESTDX_HOME
 
@@ -25,7 +27,7 @@ demo: setup
 		echo "Using the installed model $(CHESTDX_HOME)/models/default.pt (delete it to retrain)"; \
 	else \
 		echo "No installed model: training LA-DNN on covid-ct (CPU, ~15 min)"; \
-		$(BIN)/chestdx train --config configs/ladnn_covidct.yaml --run-dir $(DEMO_RUN) --install --no-evaluate; \
+		$(BIN)/chestdx train --config configs/ladnn_covidct.yaml --run-dir $(DEMO_RUN) --install --no-evaluate $(DEMO_ARGS); \
 	fi
 	$(BIN)/chestdx evaluate --out $(DEMO_RUN)/report
 	@echo "Report: $(DEMO_RUN)/report/report.html"

@@ -155,7 +155,8 @@ def datasets_describe(name: str):
     info = get_dataset(name)
     frame = info.manifest().frame
     console.print(f"[bold]{info.name}[/bold]: {info.description}\nfolder: {info.folder()}\nsource: {info.source}")
-    counts = frame.groupby(["split", frame.columns[1] if "label" not in frame else "label"]).size().unstack(fill_value=0)
+    counts = frame.groupby(["split", "label"]).size().unstack(fill_value=0)
+    counts["all"] = counts.sum(axis=1)
     console.print(counts.to_string())
     console.print(f"patients: {frame['patient_id'].nunique()}, images: {len(frame)}")
 
