@@ -1,0 +1,82 @@
+"""The one registry of 2D backbones: chestdx names -> timm architectures, plus weight loading.
+
+Grey-scale input (1 channel) is made from RGB-pretrained stems by summing the stem's three
+input filters (timm's `adapt_input_conv`), so a grey image x gives the same activations as
+the RGB image (x, x, x) when the normalisation is equal across channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import timm
+import torch
+from timm.models import adapt_input_conv
+from torch import nn
+
+from chestdx.models.weights import load_state_dict_file, match_by_order, resolve_weights
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    timm_name: str
+    mean: tuple
+    std: tuple
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+BACKBONES = {
+    # TF-ported EfficientNet-Lite0: TF "same" padding, BN eps 1e-3, inputs scaled to [-1, 1].
+    "efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", HALF, HALF),
+    "efficientnet_b0": BackboneSpec("efficientnet_b0", IMAGENET_MEAN, IMAGENET_STD),
+    "efficientnet_b1": BackboneSpec("efficientnet_b1", IMAGENET_MEAN, IMAGENET_STD),
+    "resnet18": BackboneSpec("resnet18", IMAGENET_MEAN, IMAGENET_STD),
+    "resnet50": BackboneSpec("resnet50", IMAGENET_MEAN, IMAGENET_STD),
+    "densenet121": BackboneSpec("densenet121", IMAGENET_MEAN, IMAGENET_STD),
+    "densenet169": BackboneSpec("densenet169", IMAGENET_MEAN, IMAGENET_STD),
+    "vgg16": BackboneSpec("vgg16", IMAGENET_MEAN, IMAGENET_STD),
+}
+
+
+def backbone_names() -> list[str]:
+    return sorted(BACKBONES)
+
+
+def create_backbone(name: str, in_chans: int = 1, pretrained=None, num_classes: int = 0, **kwargs) -> nn.Module:
+    """A timm model without its classifier (num_classes=0 gives pooled features)."""
+    from chestdx.errors import ChestDxError
+
+    if name not in BACKBONES:
+        raise ChestDxError(f"unknown backbone {name!r}; choose one of {', '.join(backbone_names())}")
+    spec = BACKBONES[name]
+    weights = resolve_weights(name, pretrained)
+    model = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if weights is not None:
+        load_pretrained(model, weights, in_chans)
+    return model
+
+
+def load_pretrained(model: nn.Module, path, in_chans: int) -> None:
+    """Load a 3-channel ImageNet state dict, adapting the stem and skipping the old classifier."""
+    cfg = model.pretrained_cfg
+    reference = timm.create_model(cfg["architecture"], pretrained=False, num_classes=1000)
+    source = match_by_order(load_state_dict_file(path), reference.state_dict(), path)
+    stem = cfg["first_conv"] + ".weight"
+    if in_chans != 3 and stem in source:
+        source[stem] = adapt_input_conv(in_chans, source[stem])
+    classifier = cfg["classifier"]
+    own = model.state_dict()
+    source = {k: v for k, v in source.items() if not k.startswith(classifier + ".") or (k in own and own[k].shape == v.shape)}
+    missing, unexpected = model.load_state_dict(source, strict=False)
+    missing = [k for k in missing if not k.startswith(classifier + ".")]
+    if missing or unexpected:
+        from chestdx.errors import ChestDxError
+
+        raise ChestDxError(f"{path}: weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+@torch.no_grad()
+def feature_dim(model: nn.Module) -> int:
+    return int(model.num_features)

@@ -1,0 +1,69 @@
+"""A model bundle: one file that carries everything needed to use a trained model.
+
+Registry name and constructor arguments, classes and lesion names, preprocessing, the
+training config, the data fingerprint, validation metrics, the operating threshold chosen on
+validation, and the weights. Written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from chestdx.errors import ChestDxError
+from chestdx.models.registry import create_model, get_entry
+from chestdx.utils import atomic_path
+
+FORMAT = "chestdx-model-v1"
+
+
+def make_bundle(model: torch.nn.Module, config: dict, **metadata) -> dict:
+    m = config["model"]
+    entry = get_entry(m["name"])
+    return {
+        "format": FORMAT,
+        "registry_name": m["name"],
+        "model_kwargs": {"backbone": m["backbone"], "dropout": m.get("dropout", 0.2)},
+        "classes": list(entry.classes),
+        "lesions": list(entry.lesions),
+        "modality": entry.modality,
+        "preprocess": dict(config["preprocess"], **_normalisation(m["backbone"])) if not config["preprocess"].get(
+            "mean") else dict(config["preprocess"]),
+        "tta": bool(config.get("evaluate", {}).get("tta", False)),
+        "config": config,
+        "threshold": 0.5,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **metadata,
+    }
+
+
+def _normalisation(backbone: str) -> dict:
+    from chestdx.models.backbones import BACKBONES
+
+    spec = BACKBONES[backbone]
+    # Grey input: the stem sums the RGB filters, so one mean/std stands for all three.
+    return {"mean": float(sum(spec.mean) / 3), "std": float(sum(spec.std) / 3)}
+
+
+def save_bundle(bundle: dict, path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(bundle, tmp)
+    return path
+
+
+def load_bundle(path) -> tuple[torch.nn.Module, dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise ChestDxError(f"{path}: model file not found")
+    try:
+        bundle = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ChestDxError(f"{path}: not a readable chestdx model ({err})") from None
+    if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
+        raise ChestDxError(f"{path}: not a chestdx model bundle (expected format {FORMAT})")
+    model = create_model(bundle["registry_name"], pretrained=None, **bundle["model_kwargs"])
+    model.load_state_dict(bundle["state_dict"])
+    model.eval()
+    return model, bundle
