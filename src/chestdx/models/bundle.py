@@ -28,8 +28,7 @@ def make_bundle(model: torch.nn.Module, config: dict, **metadata) -> dict:
         "classes": list(entry.classes),
         "lesions": list(entry.lesions),
         "modality": entry.modality,
-        "preprocess": dict(config["preprocess"], **_normalisation(m["backbone"])) if not config["preprocess"].get(
-            "mean") else dict(config["preprocess"]),
+        "preprocess": {**_normalisation(m["backbone"]), **config["preprocess"]},
         "tta": bool(config.get("evaluate", {}).get("tta", False)),
         "config": config,
         "threshold": 0.5,

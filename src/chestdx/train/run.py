@@ -57,7 +57,6 @@ def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None)
     run_dir.mkdir(parents=True, exist_ok=True)
     t = cfg["train"]
     L.seed_everything(t["seed"], workers=True, verbose=False)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data = datasets or build_datasets(cfg, progress)
     train_loader = DataLoader(data["train"], batch_size=t["batch_size"], shuffle=True, drop_last=True,
                               num_workers=t["num_workers"], persistent_workers=False)
