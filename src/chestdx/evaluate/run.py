@@ -60,12 +60,11 @@ def evaluate_bundle(bundle_path, out_dir, dataset: str | None = None, n_boot: in
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    splits = {}
-    for split in ("val", "test"):
+    def rows(split):
         sub = manifest.subset(split)
-        if limit:
-            sub = sub.take(range(min(limit, len(sub))))
-        splits[split] = predict_split(predictor, sub)
+        return sub.take(range(min(limit, len(sub)))) if limit else sub
+
+    splits = {split: predict_split(predictor, rows(split)) for split in ("val", "test")}
     test, val = splits["test"], splits["val"]
     threshold = predictor.threshold
 
@@ -81,10 +80,7 @@ def evaluate_bundle(bundle_path, out_dir, dataset: str | None = None, n_boot: in
         metrics["test_lesions"] = lesion_metrics(test["lesion_y"], test["lesions"], test["lesion_known"])
     curves = {"test": (test["y"], test["prob"])}
     if shortcut_probe:
-        sub = manifest.subset("test")
-        if limit:
-            sub = sub.take(range(min(limit, len(sub))))
-        recoded = predict_split(predictor, sub, extra_load_steps=[JPEGRecode()])
+        recoded = predict_split(predictor, rows("test"), extra_load_steps=[JPEGRecode()])
         metrics["shortcut_probe"] = {
             "description": "test AUC when every test image is re-encoded as JPEG q75 before inference; "
                            "a large drop means the model keys on file format (all COVID images are PNG)",

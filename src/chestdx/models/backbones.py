@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import timm
-import torch
 from timm.models import adapt_input_conv
 from torch import nn
 
@@ -77,6 +76,7 @@ def load_pretrained(model: nn.Module, path, in_chans: int) -> None:
         raise ChestDxError(f"{path}: weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-@torch.no_grad()
-def feature_dim(model: nn.Module) -> int:
-    return int(model.num_features)
+def grey_normalisation(name: str) -> dict:
+    """Mean/std for 1-channel input: the stem sums the RGB filters, so one value stands for all three."""
+    spec = BACKBONES[name]
+    return {"mean": float(sum(spec.mean) / 3), "std": float(sum(spec.std) / 3)}

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from chestdx.errors import ChestDxError
+from chestdx.models.backbones import grey_normalisation
 from chestdx.models.registry import create_model, get_entry
 from chestdx.utils import atomic_path
 
@@ -28,21 +29,13 @@ def make_bundle(model: torch.nn.Module, config: dict, **metadata) -> dict:
         "classes": list(entry.classes),
         "lesions": list(entry.lesions),
         "modality": entry.modality,
-        "preprocess": {**_normalisation(m["backbone"]), **config["preprocess"]},
+        "preprocess": {**grey_normalisation(m["backbone"]), **config["preprocess"]},
         "tta": bool(config.get("evaluate", {}).get("tta", False)),
         "config": config,
         "threshold": 0.5,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **metadata,
     }
-
-
-def _normalisation(backbone: str) -> dict:
-    from chestdx.models.backbones import BACKBONES
-
-    spec = BACKBONES[backbone]
-    # Grey input: the stem sums the RGB filters, so one mean/std stands for all three.
-    return {"mean": float(sum(spec.mean) / 3), "std": float(sum(spec.std) / 3)}
 
 
 def save_bundle(bundle: dict, path) -> Path:

@@ -22,6 +22,7 @@ from chestdx.data.dataset import ManifestDataset
 from chestdx.data.datasets import get_dataset
 from chestdx.data.transforms import build_pipeline
 from chestdx.evaluate.metrics import youden_threshold
+from chestdx.models.backbones import grey_normalisation
 from chestdx.models.bundle import make_bundle, save_bundle
 from chestdx.train.module import ClassifierModule
 from chestdx.utils import write_json_atomic
@@ -30,11 +31,7 @@ from chestdx.utils import write_json_atomic
 def build_datasets(cfg: dict, progress: bool = True) -> dict:
     info = get_dataset(cfg["dataset"])
     manifest = info.manifest()
-    pre = dict(cfg["preprocess"])
-    if "mean" not in pre:
-        from chestdx.models.bundle import _normalisation
-
-        pre.update(_normalisation(cfg["model"]["backbone"]))
+    pre = {**grey_normalisation(cfg["model"]["backbone"]), **cfg["preprocess"]}
     cfg["preprocess"] = pre
     limit = int(cfg["train"].get("limit_per_split") or 0)
     out = {"fingerprint": None}
