@@ -120,3 +120,52 @@ def test_datasets_and_models_commands(tmp_path, covid_ct_dir):
     proc = run(["datasets", "check", str(bad)], tmp_path, check=False)
     assert proc.returncode == 2 and "p1" in proc.stderr and "Traceback" not in proc.stderr
     assert "ladnn" in run(["models"], tmp_path).stdout
+
+
+def test_explain_writes_overlays_for_covid_and_each_lesion_head(trained, covid_ct_dir, tmp_path):
+    test_rows = pd.read_csv(covid_ct_dir / "manifest.csv").query("split == 'test'").head(2)
+    images = [str(covid_ct_dir / p) for p in test_rows["path"]]
+    out = tmp_path / "explain"
+    run(["explain", *images, "--target", "covid", "--target", "lesions", "--out", str(out)], trained["home"])
+    records = json.loads((out / "explanations.json").read_text())
+    assert [r["target"] for r in records[:6]] == ["covid", "GGO", "Csld", "CrPa", "AirBr", "InSepThi"]
+    assert len(records) == 12
+    for r in records:
+        heat = np.load(out / r["map"])
+        assert heat.shape == (64, 64) and 0 <= heat.min() and heat.max() <= 1  # the model's input grid
+        mask = cv2.imread(str(out / r["mask"]), cv2.IMREAD_GRAYSCALE)
+        assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
+        overlay = cv2.imread(str(out / r["overlay"]))
+        assert overlay is not None and overlay.shape[0] > 200
+        box = json.loads((out / r["overlay"].replace(".png", "_box.json")).read_text())["box"]
+        ys, xs = np.nonzero(mask)
+        if not len(ys):  # an all-zero map (no positive evidence for this target) has no box
+            assert box is None and heat.max() == 0
+            continue
+        assert box == {"x": xs.min(), "y": ys.min(), "w": xs.max() - xs.min() + 1, "h": ys.max() - ys.min() + 1}
+    gallery = (out / "gallery.html").read_text()
+    assert gallery.count("<img ") == 12 and all(r["overlay"] in gallery for r in records)
+
+
+def test_explain_bad_target_and_bad_file_are_one_line(trained, covid_ct_dir, tmp_path):
+    image = str(sorted((covid_ct_dir / "images" / "covid").glob("*.png"))[0])
+    proc = run(["explain", image, "--target", "Effusion", "--out", str(tmp_path / "a")], trained["home"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "unknown target 'Effusion'" in proc.stderr
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    proc = run(["explain", image, str(broken), "--out", str(tmp_path / "b")], trained["home"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and str(broken) in proc.stderr
+    assert len(json.loads((tmp_path / "b" / "explanations.json").read_text())) == 1  # the good image still done
+
+
+def test_evaluate_localization_scores_energy_in_ct_lungs(trained, covid_ct_dir, tmp_path):
+    out = tmp_path / "loc"
+    run(["evaluate-localization", str(covid_ct_dir / "manifest.csv"), "--lungs", "ct", "--limit", "6",
+         "--out", str(out)], trained["home"])
+    result = json.loads((out / "localization.json").read_text())
+    assert result["n_images"] == 6 and result["split"] == "test"
+    energy = result["by_class"]["all"]["energy_in_lungs"]
+    assert 0 <= energy["mean"] <= 1 and energy["n"] >= 4
+    per_image = pd.read_csv(out / "localization_per_image.csv")
+    assert len(per_image) == 6 and per_image["energy_in_lungs"].dropna().between(0, 1).all()

@@ -1,4 +1,4 @@
-"""The `chestdx` command line: train, evaluate, predict, datasets, models.
+"""The `chestdx` command line: train, evaluate, predict, explain, evaluate-localization, datasets, models.
 
 Every user-facing failure (bad input file, missing data or weights) is printed as one line
 naming the file and the problem, with a non-zero exit status and no traceback.
@@ -112,6 +112,84 @@ def _write_predictions(rows, out: Path):
         item.update({f"p_{k}": v for k, v in r.get("lesions", {}).items()})
         flat.append(item)
     write_text_atomic(out, pd.DataFrame(flat).to_csv(index=False, float_format="%.5f"))
+
+
+@app.command()
+def explain(
+    inputs: List[Path] = typer.Argument(..., help="PNG/JPEG/DICOM files or folders"),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="model bundle (default: the installed model)"),
+    method: str = typer.Option("gradcam++", "--method", "-m", help="native, cam, gradcam, gradcam++, scorecam, layercam"),
+    target: List[str] = typer.Option(["predicted"], "--target", "-t",
+                                     help="class or lesion name, 'predicted', 'classes', 'lesions' or 'all'; repeatable"),
+    threshold: str = typer.Option("otsu", "--threshold", help="mask threshold: 'otsu' or a fraction of the maximum"),
+    out: Path = typer.Option(Path("runs/explain"), "--out", help="output folder (overlays, maps, masks, gallery.html)"),
+):
+    """Heat maps per image and target: overlay PNG, raw .npy, mask PNG, box JSON and gallery.html."""
+    from chestdx.explain.run import explain_files
+    from chestdx.inference import expand_inputs
+
+    files = expand_inputs(inputs)
+    if not files:
+        raise ChestDxError("no image files found in the given inputs")
+    failed = []
+
+    def report(err):
+        failed.append(err)
+        err_console.print(f"error: {err}", highlight=False, soft_wrap=True)
+
+    records = explain_files(checkpoint or _default_model(), files, out, method, target, _threshold(threshold), report)
+    console.print(f"{len(records)} map(s) for {len(files) - len(failed)} image(s); gallery: {out / 'gallery.html'}")
+    if failed:
+        raise typer.Exit(code=2)
+
+
+def _threshold(value: str):
+    if value == "otsu":
+        return value
+    try:
+        level = float(value)
+    except ValueError:
+        level = -1.0
+    if not 0 < level < 1:
+        raise ChestDxError(f"--threshold must be 'otsu' or a number between 0 and 1, got {value!r}")
+    return level
+
+
+@app.command("evaluate-localization")
+def evaluate_localization(
+    manifest: Path = typer.Argument(..., help="manifest CSV (path, label, patient_id, split, ...)"),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="model bundle (default: the installed model)"),
+    method: str = typer.Option("gradcam++", "--method", "-m"),
+    target: str = typer.Option("predicted", "--target", "-t"),
+    split: str = typer.Option("test", "--split", help="manifest split to score ('' for all rows)"),
+    boxes: Optional[Path] = typer.Option(None, "--boxes", help="CSV of reference boxes: path, x, y, w, h"),
+    mask_column: Optional[str] = typer.Option(None, "--mask-column", help="manifest column with reference masks"),
+    lungs: Optional[str] = typer.Option(None, "--lungs", help="manifest column of lung masks, or 'ct' (classical)"),
+    threshold: str = typer.Option("0.5", "--threshold", help="'otsu' or a fraction of the maximum (MAG-SD: 0.5)"),
+    limit: int = typer.Option(0, "--limit", help="score only the first N rows (0: all)"),
+    out: Path = typer.Option(Path("runs/localization"), "--out"),
+):
+    """IoU, pointing game and energy inside boxes/masks (and lungs), per class with 95% CIs."""
+    from chestdx.explain.run import evaluate_localization as run
+
+    if not (boxes or mask_column or lungs):
+        raise ChestDxError("give at least one reference: --boxes, --mask-column or --lungs")
+    result = run(checkpoint or _default_model(), manifest, out, method, target, split or None, boxes, mask_column,
+                 lungs, _threshold(threshold), limit)
+    table = Table(title=f"localization: {result['method']} ({result['n_images']} images)")
+    keys = sorted({k for scores in result["by_class"].values() for k in scores})
+    for col in ("class", *keys):
+        table.add_column(col)
+    for name, scores in result["by_class"].items():
+        table.add_row(name, *[_mean_ci(scores.get(k)) for k in keys])
+    console.print(table)
+    console.print(f"written: {out / 'localization.json'}")
+
+
+def _mean_ci(s) -> str:
+    if not s or s["mean"] is None:
+        return "-"
+    return f"{s['mean']:.3f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}]"
 
 
 @app.command()

@@ -47,22 +47,39 @@ def lesion_metrics(y_true, prob, known, threshold: float = 0.5) -> dict:
     return {"lesion_accuracy": 1 - wrong, "hamming_loss": wrong, "lesion_n": int(known_rows.sum())}
 
 
-def bootstrap_ci(y_true, prob, groups, metric, n: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
-    """Percentile CIs of every value `metric(y, p)` returns, resampling patients with replacement."""
-    y, p, g = np.asarray(y_true), np.asarray(prob), np.asarray(groups, dtype=str)
-    uniq, inverse = np.unique(g, return_inverse=True)
+def patient_resamples(groups, n: int, seed: int = 0):
+    """Yield `n` index arrays, each a resample of whole patients with replacement."""
+    uniq, inverse = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
     members = [np.flatnonzero(inverse == k) for k in range(len(uniq))]
     rng = np.random.default_rng(seed)
-    samples: dict[str, list] = {}
     for _ in range(n):
-        chosen = rng.integers(0, len(uniq), len(uniq))
-        idx = np.concatenate([members[k] for k in chosen])
+        yield np.concatenate([members[k] for k in rng.integers(0, len(uniq), len(uniq))])
+
+
+def _percentiles(samples: dict, alpha: float) -> dict:
+    return {key: [float(np.nanpercentile(v, 100 * alpha / 2)), float(np.nanpercentile(v, 100 * (1 - alpha / 2)))]
+            for key, v in samples.items()}
+
+
+def bootstrap_ci(y_true, prob, groups, metric, n: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """Percentile CIs of every value `metric(y, p)` returns, resampling patients with replacement."""
+    y, p = np.asarray(y_true), np.asarray(prob)
+    samples: dict[str, list] = {}
+    for idx in patient_resamples(groups, n, seed):
         if len(np.unique(y[idx])) < 2:
             continue
         for key, value in metric(y[idx], p[idx]).items():
             samples.setdefault(key, []).append(value)
-    return {key: [float(np.nanpercentile(v, 100 * alpha / 2)), float(np.nanpercentile(v, 100 * (1 - alpha / 2)))]
-            for key, v in samples.items()}
+    return _percentiles(samples, alpha)
+
+
+def mean_with_ci(values, groups, n: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """Mean of per-image values (NaN ignored) with a patient-bootstrap percentile CI."""
+    v = np.asarray(values, dtype=float)
+    if not np.isfinite(v).any():
+        return {"mean": None, "ci": [None, None], "n": 0}
+    means = [np.nanmean(v[idx]) if np.isfinite(v[idx]).any() else np.nan for idx in patient_resamples(groups, n, seed)]
+    return {"mean": float(np.nanmean(v)), "ci": _percentiles({"m": means}, alpha)["m"], "n": int(np.isfinite(v).sum())}
 
 
 def evaluate_binary(y_true, prob, groups, threshold: float, n_boot: int = 1000, seed: int = 0) -> dict:
