@@ -30,3 +30,23 @@ def _isolated_home(tmp_path, monkeypatch):
     """Tests never touch the user's installed models."""
     monkeypatch.setenv("CHESTDX_HOME", str(tmp_path / "chestdx_home"))
     os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory) -> Path:
+    """A folder with one LA-DNN bundle (untrained, 64 px): what `chestdx serve --models` loads."""
+    import torch
+
+    from chestdx.models import LADNN
+    from chestdx.models.bundle import make_bundle, save_bundle
+    from chestdx.train.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "ladnn_covidct.yaml", ["preprocess.size=64"])
+    torch.manual_seed(0)
+    model = LADNN(pretrained=None, dropout=cfg["model"].get("dropout", 0.2)).eval()
+    bundle = make_bundle(model, cfg, validation={"auc": 0.5})
+    bundle["threshold"] = 0.4
+    folder = tmp_path_factory.mktemp("models")
+    save_bundle(bundle, folder / "ladnn-tiny.pt")
+    return folder

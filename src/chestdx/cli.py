@@ -1,4 +1,4 @@
-"""The `chestdx` command line: train, evaluate, predict, explain, evaluate-localization, datasets, models.
+"""The `chestdx` command line: train, evaluate, predict, explain, evaluate-localization, export, serve, ...
 
 Every user-facing failure (bad input file, missing data or weights) is printed as one line
 naming the file and the problem, with a non-zero exit status and no traceback.
@@ -190,6 +190,72 @@ def _mean_ci(s) -> str:
     if not s or s["mean"] is None:
         return "-"
     return f"{s['mean']:.3f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}]"
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="model bundle (default: the installed model)"),
+    format_: str = typer.Option("onnx", "--format", help="export format (onnx)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output .onnx path (default: beside the checkpoint)"),
+    verify: List[Path] = typer.Option([], "--verify", help="images on which to compare ONNX with PyTorch"),
+):
+    """Export to ONNX (+ a .json of classes, preprocessing and threshold beside it)."""
+    from chestdx.export import export_onnx
+
+    if format_.lower() != "onnx":
+        raise ChestDxError(f"unsupported export format {format_!r}; supported: onnx")
+    checkpoint = checkpoint or _default_model()
+    path = export_onnx(checkpoint, out)
+    console.print(f"ONNX model: {path}\nmetadata: {path.with_suffix('.json')}")
+    if verify:
+        import torch
+
+        from chestdx.data.io import read_image
+        from chestdx.inference import Predictor, expand_inputs
+
+        torch_p, onnx_p = Predictor(checkpoint), Predictor(path)
+        worst = 0.0
+        for image in expand_inputs(verify):
+            x = torch_p.preprocess(read_image(image).to_gray())
+            with torch.no_grad():
+                a, b = torch_p.model(x), onnx_p.model(x)
+            worst = max(worst, *(float((a[k] - b[k]).abs().max()) for k in b))
+        console.print(f"largest |ONNX - PyTorch| output difference: {worst:.2e}")
+        if worst > 1e-4:
+            raise ChestDxError(f"ONNX outputs differ from PyTorch by {worst:.2e} (> 1e-4)")
+
+
+@app.command()
+def serve(
+    models_dir: Path = typer.Option(None, "--models", help="folder of *.pt bundles and/or *.onnx exports "
+                                    "(default: $CHESTDX_HOME/models)"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL (default: sqlite:///$CHESTDX_HOME/studies.db)"),
+    store_images: bool = typer.Option(False, "--store-images", help="keep de-identified uploads in the database"),
+    max_upload_mb: float = typer.Option(50.0, "--max-upload-mb"),
+    max_pixels: int = typer.Option(50_000_000, "--max-pixels"),
+    workers: int = typer.Option(1, "--workers", help="uvicorn worker processes"),
+):
+    """Start the web page and REST API (OpenAPI docs at /docs)."""
+    import os
+
+    import uvicorn
+
+    from chestdx.settings import home as chestdx_home
+
+    home = chestdx_home()
+    os.environ["CHESTDX_SERVE_MODELS"] = str(models_dir or home / "models")
+    os.environ["CHESTDX_SERVE_DB"] = db or f"sqlite:///{home / 'studies.db'}"
+    os.environ["CHESTDX_SERVE_STORE_IMAGES"] = "1" if store_images else "0"
+    os.environ["CHESTDX_SERVE_MAX_MB"] = str(max_upload_mb)
+    os.environ["CHESTDX_SERVE_MAX_PIXELS"] = str(max_pixels)
+    from chestdx.serve.app import app_from_env
+
+    app_from_env()  # fail here, with one line, if the models or the database are unusable
+    console.print(f"chestdx service: http://{host}:{port}/  (API docs: http://{host}:{port}/docs)")
+    uvicorn.run("chestdx.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers,
+                log_level="warning")
 
 
 @app.command()

@@ -16,9 +16,18 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""}
 
 
 class Predictor:
+    """A model bundle (.pt, PyTorch) or an exported model (.onnx + .json, ONNX Runtime)."""
+
     def __init__(self, bundle_path):
-        self.model, self.bundle = load_bundle(bundle_path)
         self.path = Path(bundle_path)
+        if self.path.suffix == ".onnx":
+            from chestdx.export import load_onnx
+
+            self.model, self.bundle = load_onnx(self.path)
+            self.backend = "onnxruntime"
+        else:
+            self.model, self.bundle = load_bundle(bundle_path)
+            self.backend = "pytorch"
         self.load_steps, self.sample_steps = build_pipeline(self.bundle["preprocess"], train=False)
         self.threshold = float(self.bundle.get("threshold", 0.5))
         self.tta = bool(self.bundle.get("tta", False))

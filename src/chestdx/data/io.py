@@ -69,16 +69,17 @@ def read_image(source, name: str | None = None) -> LoadedImage:
     return decode_image(data, label)
 
 
-def decode_image(data: bytes, label: str) -> LoadedImage:
+def decode_image(data: bytes, label: str, max_pixels: int = MAX_PIXELS) -> LoadedImage:
+    """Decode bytes; images over `max_pixels` are refused from their header, before decoding."""
     if len(data) == 0:
         raise InputError(label, "empty file (0 bytes)")
     kind = sniff_format(data[:132])
     if kind is None:
         raise InputError(label, "not a supported image: expected PNG, JPEG or DICOM content")
     if kind == "dicom":
-        image = _decode_dicom(data, label)
+        image = _decode_dicom(data, label, max_pixels)
     else:
-        image = _decode_raster(data, label, kind)
+        image = _decode_raster(data, label, kind, max_pixels)
     image.meta.setdefault("path", label)
     _check_pixels(image, label)
     return image
@@ -94,7 +95,7 @@ def _check_pixels(image: LoadedImage, label: str) -> None:
         raise InputError(label, "pixel data contains NaN or infinite values")
 
 
-def _decode_raster(data: bytes, label: str, kind: str) -> LoadedImage:
+def _decode_raster(data: bytes, label: str, kind: str, max_pixels: int) -> LoadedImage:
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -102,8 +103,8 @@ def _decode_raster(data: bytes, label: str, kind: str) -> LoadedImage:
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise InputError(label, f"corrupt {kind.upper()} header ({err})") from None
     w, h = img.size
-    if w * h > MAX_PIXELS:
-        raise InputError(label, f"image is {w}x{h} pixels, too large (limit {MAX_PIXELS:,} pixels)")
+    if w * h > max_pixels:
+        raise InputError(label, f"image is {w}x{h} pixels, too large (limit {max_pixels:,} pixels)")
     try:
         img.load()
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error on damaged data
@@ -146,7 +147,7 @@ def _stretch(arr: np.ndarray) -> np.ndarray:
     return (arr - lo) / (hi - lo)
 
 
-def _decode_dicom(data: bytes, label: str) -> LoadedImage:
+def _decode_dicom(data: bytes, label: str, max_pixels: int) -> LoadedImage:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -157,8 +158,8 @@ def _decode_dicom(data: bytes, label: str) -> LoadedImage:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise InputError(label, "DICOM has no pixel data (not an image object)")
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-    if rows * cols > MAX_PIXELS:
-        raise InputError(label, f"DICOM image is {cols}x{rows} pixels, too large")
+    if rows * cols > max_pixels:
+        raise InputError(label, f"DICOM image is {cols}x{rows} pixels, too large (limit {max_pixels:,} pixels)")
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     try:
         arr = ds.pixel_array

@@ -1,0 +1,82 @@
+"""The models a service offers, loaded once at start-up from a folder and never changed after.
+
+Every `*.pt` bundle and `*.onnx` export in the folder becomes one model named after its file.
+Inference runs through ONNX Runtime: an `.onnx` beside a bundle is used, a bundle without one
+is exported into a cache at start-up; PyTorch is the fallback when export fails. Heat maps
+need gradients, so they come from the PyTorch bundle where there is one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chestdx.errors import ChestDxError
+from chestdx.inference import Predictor
+
+log = logging.getLogger("chestdx.serve")
+
+INTENDED_USE = ("Research use only, not for diagnosis. Estimates the probability of COVID-19 pneumonia (and, "
+                "where the model has a lesion head, of five CT lesion types) from one {modality} image of an adult "
+                "chest; trained on public data whose sources are confounded with the label.")
+
+
+@dataclass
+class ServedModel:
+    name: str
+    predictor: Predictor  # ONNX Runtime where possible
+    explainer: Predictor | None  # PyTorch bundle for heat maps, if available
+    files: list = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # CAM hooks are not thread-safe
+
+    def card(self) -> dict:
+        b = self.predictor.bundle
+        return {
+            "name": self.name,
+            "architecture": b.get("registry_name"),
+            "backbone": b.get("model_kwargs", {}).get("backbone"),
+            "modality": b.get("modality"),
+            "classes": b.get("classes"),
+            "lesions": b.get("lesions") or [],
+            "threshold": b.get("threshold"),
+            "input_size": b.get("preprocess", {}).get("size"),
+            "metrics": {"validation": b.get("validation", {})},
+            "intended_use": INTENDED_USE.format(modality=b.get("modality", "chest")),
+            "backend": self.predictor.backend,
+            "heatmaps": self.explainer is not None,
+        }
+
+
+def load_models(folder, cache_dir) -> dict[str, ServedModel]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ChestDxError(f"{folder}: models folder not found")
+    models: dict[str, ServedModel] = {}
+    for bundle in sorted(folder.glob("*.pt")):
+        onnx = bundle.with_suffix(".onnx")
+        torch_predictor = Predictor(bundle)
+        predictor = Predictor(onnx) if onnx.exists() else _exported(bundle, Path(cache_dir)) or torch_predictor
+        models[bundle.stem] = ServedModel(bundle.stem, predictor, torch_predictor, [bundle.name])
+    for onnx in sorted(folder.glob("*.onnx")):
+        if onnx.stem not in models:
+            models[onnx.stem] = ServedModel(onnx.stem, Predictor(onnx), None, [onnx.name])
+    if not models:
+        raise ChestDxError(f"{folder}: no models (*.pt bundles or *.onnx exports) found")
+    return models
+
+
+def _exported(bundle: Path, cache_dir: Path) -> Predictor | None:
+    from chestdx.export import export_onnx
+
+    digest = hashlib.sha256(bundle.read_bytes()).hexdigest()[:16]
+    target = cache_dir / f"{bundle.stem}-{digest}.onnx"
+    try:
+        if not target.exists():
+            export_onnx(bundle, target)
+        return Predictor(target)
+    except Exception as err:  # any exporter failure: serve with PyTorch rather than not at all
+        log.warning("%s: ONNX export failed (%s); serving with PyTorch", bundle.name, err)
+        return None
