@@ -116,9 +116,12 @@ def _write_predictions(rows, out: Path):
 
 @app.command()
 def explain(
-    inputs: List[Path] = typer.Argument(..., help="PNG/JPEG/DICOM files or folders"),
+    inputs: List[Path] = typer.Argument(None, help="PNG/JPEG/DICOM files or folders"),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="model bundle (default: the installed model)"),
     method: str = typer.Option("gradcam++", "--method", "-m", help="native, cam, gradcam, gradcam++, scorecam, layercam"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="or take images from a named dataset's split"),
+    split: str = typer.Option("test", "--split", help="with --dataset: the split"),
+    limit: int = typer.Option(4, "--limit", help="with --dataset: how many images"),
     target: List[str] = typer.Option(["predicted"], "--target", "-t",
                                      help="class or lesion name, 'predicted', 'classes', 'lesions' or 'all'; repeatable"),
     threshold: str = typer.Option("otsu", "--threshold", help="mask threshold: 'otsu' or a fraction of the maximum"),
@@ -128,9 +131,13 @@ def explain(
     from chestdx.explain.run import explain_files
     from chestdx.inference import expand_inputs
 
-    files = expand_inputs(inputs)
+    files = expand_inputs(inputs or [])
+    if dataset:
+        from chestdx.data.datasets import get_dataset
+
+        files += get_dataset(dataset).manifest().subset(split).paths()[:limit]
     if not files:
-        raise ChestDxError("no image files found in the given inputs")
+        raise ChestDxError("no image files found in the given inputs (give files, folders or --dataset)")
     failed = []
 
     def report(err):
