@@ -195,3 +195,19 @@ def test_ct_lung_mask_on_a_phantom():
     mask = ct_lung_mask(img)
     assert mask_iou(mask, left | right) > 0.95
     assert not mask[5, 5]  # air around the body is not lung
+
+
+def test_reference_boxes_follow_the_image_onto_the_model_grid():
+    from types import SimpleNamespace
+
+    from chestdx.data.transforms import build_pipeline
+    from chestdx.explain.postprocess import box_to_mask
+    from chestdx.explain.run import _reference_on_grid
+
+    load, _ = build_pipeline({"size": 64, "resize": "pad"}, train=False)
+    predictor = SimpleNamespace(load_steps=load)
+    full = box_to_mask((100, 200), xywh_box(50, 20, 50, 40))  # x 50..100, y 20..60 on a 200 x 100 image
+    box = bounding_box(_reference_on_grid(predictor, full))
+    # Scale 64/200 = 0.32, 32 rows of image padded by 16 above: y 16+6.4..16+19.2, x 16..32.
+    (y0, y1), (x0, x1) = box
+    assert abs(y0 - 22.4) <= 1 and abs(y1 - 35.2) <= 1 and abs(x0 - 16) <= 1 and abs(x1 - 32) <= 1
