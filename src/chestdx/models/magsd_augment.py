@@ -33,8 +33,11 @@ def _upsampled(a_star: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(a_star[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-def _uniform(n: int, lo: float, hi: float, generator) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=generator)
+def _thresholds_and_maps(images, a_star, lo: float, hi: float, generator, theta):
+    """Per-image thresholds ~ U(lo, hi) (unless given) and the maps at the image size."""
+    if theta is None:
+        theta = lo + (hi - lo) * torch.rand(images.shape[0], generator=generator)
+    return theta, _upsampled(a_star, images.shape[-2:])
 
 
 def region_box(mask: torch.Tensor, padding: float = 0.0) -> tuple[int, int, int, int]:
@@ -51,8 +54,7 @@ def region_box(mask: torch.Tensor, padding: float = 0.0) -> tuple[int, int, int,
 def attention_mixup(images, a_star, generator=None, theta=None):
     """Eq. 2-3: blend each image with the zoomed box around its attended region."""
     b, _, h, w = images.shape
-    theta = _uniform(b, 0.4, 0.6, generator) if theta is None else theta
-    maps = _upsampled(a_star, (h, w))
+    theta, maps = _thresholds_and_maps(images, a_star, 0.4, 0.6, generator, theta)
     out = images.clone()
     for i in range(b):
         y0, y1, x0, x1 = region_box(maps[i] > theta[i], BOX_PADDING)
@@ -64,8 +66,7 @@ def attention_mixup(images, a_star, generator=None, theta=None):
 def attention_patching(images, a_star, generator=None, theta=None):
     """The attended box pasted at a random position of the same image."""
     b, _, h, w = images.shape
-    theta = _uniform(b, 0.4, 0.6, generator) if theta is None else theta
-    maps = _upsampled(a_star, (h, w))
+    theta, maps = _thresholds_and_maps(images, a_star, 0.4, 0.6, generator, theta)
     out = images.clone()
     for i in range(b):
         y0, y1, x0, x1 = region_box(maps[i] > theta[i])
@@ -78,9 +79,7 @@ def attention_patching(images, a_star, generator=None, theta=None):
 
 def attention_dimming(images, a_star, generator=None, theta=None):
     """Eq. 4: the attended pixels multiplied by 0.001, the rest unchanged."""
-    b, _, h, w = images.shape
-    theta = _uniform(b, 0.2, 0.5, generator) if theta is None else theta
-    maps = _upsampled(a_star, (h, w))
+    theta, maps = _thresholds_and_maps(images, a_star, 0.2, 0.5, generator, theta)
     mask = torch.where(maps > theta[:, None, None], DIM_FACTOR, 1.0)
     return images * mask[:, None]
 
