@@ -60,3 +60,31 @@ def test_lesion_metrics_hand_computed():
     # Row 1: one wrong of five; row 3: all five wrong -> 6 / 10.
     assert m["hamming_loss"] == pytest.approx(0.6) and m["lesion_accuracy"] == pytest.approx(0.4)
     assert m["lesion_n"] == 2
+
+
+def test_multiclass_metrics_against_hand_computation():
+    from chestdx.evaluate.metrics import evaluate_multiclass, multiclass_metrics
+
+    classes = ("covid", "normal", "pneumonia")
+    y = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    prob = np.array([[.8, .1, .1], [.6, .3, .1], [.2, .1, .7],   # covid: right, right, called pneumonia
+                     [.1, .8, .1], [.5, .4, .1],                 # normal: right, called covid
+                     [.1, .1, .8], [.2, .2, .6], [.1, .7, .2]])  # pneumonia: right, right, called normal
+    m = multiclass_metrics(y, prob, classes)
+    assert m["accuracy"] == pytest.approx(5 / 8)
+    # covid: TP 2, FN 1, FP 1, TN 4 -> sens 2/3, spec 4/5, F1 4/6
+    assert m["per_class"]["covid"]["sensitivity"] == pytest.approx(2 / 3)
+    assert m["per_class"]["covid"]["specificity"] == pytest.approx(4 / 5)
+    assert m["per_class"]["covid"]["f1"] == pytest.approx(4 / 6)
+    # normal: TP 1, FN 1, FP 1, TN 5
+    assert m["per_class"]["normal"]["sensitivity"] == pytest.approx(1 / 2)
+    assert m["per_class"]["normal"]["specificity"] == pytest.approx(5 / 6)
+    assert m["macro_sensitivity"] == pytest.approx(np.mean([2 / 3, 1 / 2, 2 / 3]))
+    assert m["confusion_matrix"] == [[2, 0, 1], [1, 1, 0], [0, 1, 2]]
+    # one-vs-rest AUC of covid: scores of covid images vs the rest, by hand (pairs ranked right / all)
+    pos, neg = prob[y == 0, 0], prob[y != 0, 0]
+    pairs = [(a > b) + 0.5 * (a == b) for a in pos for b in neg]
+    assert m["per_class"]["covid"]["auc"] == pytest.approx(np.mean(pairs))
+    full = evaluate_multiclass(np.tile(y, 5), np.tile(prob, (5, 1)), np.arange(40), classes, n_boot=200)
+    lo, hi = full["macro_f1_ci"]
+    assert lo <= full["macro_f1"] <= hi

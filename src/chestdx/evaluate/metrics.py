@@ -29,6 +29,50 @@ def binary_metrics(y_true, prob, threshold: float = 0.5) -> dict:
     }
 
 
+def multiclass_metrics(y_true, prob, classes) -> dict:
+    """MAG-SD's multi-class metrics (Sec. IV-C, Eq. 8-11): accuracy, and per class one-vs-rest
+    sensitivity, specificity, F1 and AUC, with their unweighted (macro) means."""
+    y = np.asarray(y_true).astype(int)
+    prob = np.asarray(prob, dtype=float)
+    pred = prob.argmax(1)
+    k = len(classes)
+    cm = confusion_matrix(y, pred, labels=list(range(k)))
+    per_class = {}
+    for c, name in enumerate(classes):
+        tp = cm[c, c]
+        fn, fp = cm[c].sum() - tp, cm[:, c].sum() - tp
+        tn = cm.sum() - tp - fn - fp
+        present = 0 < (y == c).sum() < len(y)
+        per_class[name] = {
+            "sensitivity": float(tp / (tp + fn)) if tp + fn else float("nan"),
+            "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
+            "f1": float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else float("nan"),
+            "auc": float(roc_auc_score(y == c, prob[:, c])) if present else float("nan"),
+        }
+    out = {"accuracy": float((pred == y).mean())}
+    for key in ("sensitivity", "specificity", "f1", "auc"):
+        out[f"macro_{key}"] = float(np.nanmean([per_class[n][key] for n in classes]))
+    out["per_class"] = per_class
+    out["confusion_matrix"] = cm.tolist()
+    return out
+
+
+def evaluate_multiclass(y_true, prob, groups, classes, n_boot: int = 1000, seed: int = 0) -> dict:
+    """`multiclass_metrics` with patient-bootstrap 95% CIs of the headline values."""
+    point = multiclass_metrics(y_true, prob, classes)
+    headline = ("accuracy", "macro_sensitivity", "macro_specificity", "macro_f1", "macro_auc")
+    y, p = np.asarray(y_true), np.asarray(prob)
+    samples: dict[str, list] = {}
+    for idx in patient_resamples(groups, n_boot, seed):
+        if len(np.unique(y[idx])) < len(classes):
+            continue
+        values = multiclass_metrics(y[idx], p[idx], classes)
+        for key in headline:
+            samples.setdefault(key, []).append(values[key])
+    point.update({f"{k}_ci": v for k, v in _percentiles(samples, 0.05).items()})
+    return point
+
+
 def youden_threshold(y_true, prob) -> float:
     """The threshold maximising sensitivity + specificity - 1 (to be chosen on validation)."""
     fpr, tpr, thresholds = roc_curve(np.asarray(y_true).astype(int), prob)
