@@ -32,8 +32,13 @@ class Predictor:
         self.threshold = float(self.bundle.get("threshold", 0.5))
         self.tta = bool(self.bundle.get("tta", False))
 
+    def prepare(self, gray: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """(the image on the model's grid in [0, 1], for overlays; the model input (1, 1, H, W))."""
+        shown = self.load_steps(gray)
+        return shown, torch.from_numpy(np.ascontiguousarray(self.sample_steps(shown)))[None, None]
+
     def preprocess(self, gray: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.sample_steps(self.load_steps(gray))))[None, None]
+        return self.prepare(gray)[1]
 
     @torch.no_grad()
     def predict_tensor(self, x: torch.Tensor) -> dict:

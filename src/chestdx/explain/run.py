@@ -28,14 +28,12 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", name)
 
 
-def prepare(predictor: Predictor, path) -> tuple[np.ndarray, torch.Tensor]:
+def prepare(predictor: Predictor, path, image=None) -> tuple[np.ndarray, torch.Tensor]:
     """(grey image on the model's grid in [0, 1], model input tensor (1, 1, H, W))."""
-    image = read_image(path)
+    image = image if image is not None else read_image(path)
     if image.meta.get("frames", 1) > 1:
         raise ChestDxError(f"{path}: {image.meta['frames']}-frame DICOM given to a 2D model; send one slice")
-    shown = predictor.load_steps(image.to_gray())
-    x = torch.from_numpy(np.ascontiguousarray(predictor.sample_steps(shown)))[None, None]
-    return shown, x
+    return predictor.prepare(image.to_gray())
 
 
 def explain_files(checkpoint, files, out_dir, method: str = "gradcam++", targets=("predicted",),
@@ -123,8 +121,9 @@ def evaluate_localization(checkpoint, manifest_csv, out_dir, method: str = "grad
         raise ChestDxError(f"{manifest_csv}: no rows with references to score (split={split})")
     rows = []
     for _, row in frame.iterrows():
-        shown, x = prepare(predictor, root / row["path"])
-        full_shape = read_image(root / row["path"]).pixels.shape[:2]
+        image = read_image(root / row["path"])
+        shown, x = prepare(predictor, root / row["path"], image)
+        full_shape = image.pixels.shape[:2]
         result = explain(predictor.model, x, method, target, bundle["classes"], bundle.get("lesions"))
         heat = result.maps[0, 0]
         ref_mask, ref_boxes = None, None

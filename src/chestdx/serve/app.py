@@ -18,7 +18,6 @@ from typing import List, Optional
 
 import cv2
 import numpy as np
-import torch
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -106,8 +105,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             raise ServiceError(422, f"{image.meta['frames']}-frame DICOM; send one slice", name)
         t_decode = time.perf_counter()
         predictor = served.predictor
-        shown = predictor.load_steps(image.to_gray())
-        x = torch.from_numpy(np.ascontiguousarray(predictor.sample_steps(shown)))[None, None]
+        shown, x = predictor.prepare(image.to_gray())
         t_pre = time.perf_counter()
         out = predictor.predict_tensor(x)
         lesions = out["lesions"][0] if "lesions" in out else None
