@@ -62,6 +62,13 @@ def _evaluate(model_path, out, dataset, bootstrap):
     from chestdx.evaluate.run import evaluate_bundle
 
     metrics = evaluate_bundle(model_path, out, dataset=dataset, n_boot=bootstrap)
+    if "classes" in metrics:  # multi-class
+        t = metrics["test"]
+        console.print(f"test accuracy {t['accuracy']:.3f} [{t['accuracy_ci'][0]:.3f}, {t['accuracy_ci'][1]:.3f}]  "
+                      f"macro AUC {t['macro_auc']:.3f}  macro F1 {t['macro_f1']:.3f}  "
+                      f"macro sensitivity {t['macro_sensitivity']:.3f}  macro specificity {t['macro_specificity']:.3f}")
+        console.print(f"report: {Path(out) / 'report.html'}")
+        return
     t = metrics["test"]["at_0.5"]
     console.print(f"test AUC {t['auc']:.3f} [{t['auc_ci'][0]:.3f}, {t['auc_ci'][1]:.3f}]  accuracy {t['accuracy']:.3f}  "
                   f"sensitivity {t['sensitivity']:.3f}  specificity {t['specificity']:.3f}  F1 {t['f1']:.3f}")

@@ -11,6 +11,7 @@ from chestdx.data.io import read_image
 from chestdx.data.transforms import build_pipeline
 from chestdx.errors import InputError
 from chestdx.models.bundle import load_bundle
+from chestdx.train.module import class_probabilities
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""}
 
@@ -42,12 +43,13 @@ class Predictor:
 
     @torch.no_grad()
     def predict_tensor(self, x: torch.Tensor) -> dict:
-        """x: (B, 1, H, W), preprocessed. Returns probabilities (numpy)."""
+        """x: (B, 1, H, W), preprocessed. Returns numpy probabilities: `probability` (B,) of the positive
+        class for a binary model, (B, K) over the classes otherwise; `lesions` (B, 5) for LA-DNN."""
         views = [x, x.flip(-1)] if self.tta else [x]
         covid, lesions = [], []
         for view in views:
             out = self.model(view)
-            covid.append(torch.sigmoid(out["logits"]))
+            covid.append(class_probabilities(out["logits"]))
             if "lesion_logits" in out:
                 lesions.append(torch.sigmoid(out["lesion_logits"]))
         result = {"probability": torch.stack(covid).mean(0).numpy()}
@@ -60,10 +62,19 @@ class Predictor:
         if image.meta.get("frames", 1) > 1:
             raise InputError(name or source, f"{image.meta['frames']}-frame DICOM given to a 2D model; send one slice")
         out = self.predict_tensor(self.preprocess(image.to_gray()))
-        return self.describe(float(out["probability"][0]), out.get("lesions", [None])[0])
+        return self.describe(out["probability"][0], out.get("lesions", [None])[0])
 
-    def describe(self, p: float, lesions=None) -> dict:
+    @property
+    def multiclass(self) -> bool:
+        return len(self.bundle["classes"]) > 2
+
+    def describe(self, p, lesions=None) -> dict:
+        """p: the positive-class probability (binary) or the class probability vector."""
         classes = self.bundle["classes"]
+        if self.multiclass:
+            probs = {name: float(v) for name, v in zip(classes, np.asarray(p))}
+            return {"probabilities": probs, "prediction": max(probs, key=probs.get), "threshold": None}
+        p = float(p)
         result = {
             "probabilities": {classes[0]: 1 - p, classes[1]: p},
             "prediction": classes[1] if p >= self.threshold else classes[0],

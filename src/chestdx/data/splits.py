@@ -34,6 +34,20 @@ def stratified_group_kfold(labels, patients, n_splits: int = 5, seed: int = 0) -
     return folds
 
 
+def kfold_split_tags(labels, patients, n_splits: int = 5, seed: int = 0) -> list[np.ndarray]:
+    """Per fold k, a split tag per image: fold k is `test`, fold k+1 `val` (for model selection),
+    the other folds `train`. Patient-level and stratified, like `stratified_group_kfold`."""
+    folds = [test for _, test in stratified_group_kfold(labels, patients, n_splits, seed)]
+    out = []
+    for k in range(n_splits):
+        tags = np.full(len(labels), "train", dtype=object)
+        tags[folds[(k + 1) % n_splits]] = "val"
+        tags[folds[k]] = "test"
+        check_no_leakage(patients, tags)
+        out.append(tags)
+    return out
+
+
 def train_val_test_split(labels, patients, val: float = 0.15, test: float = 0.25, seed: int = 0) -> np.ndarray:
     """Assign 'train'/'val'/'test' per row by patient (the LA-DNN paper's 60/15/25)."""
     labels = np.asarray(labels)

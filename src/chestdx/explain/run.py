@@ -60,7 +60,7 @@ def explain_files(checkpoint, files, out_dir, method: str = "gradcam++", targets
         probs = predictor.predict_tensor(x)
         for b, (i, path, shown, _) in enumerate(chunk):
             lesions = probs["lesions"][b] if "lesions" in probs else None
-            verdict = predictor.describe(float(probs["probability"][b]), lesions)
+            verdict = predictor.describe(probs["probability"][b], lesions)
             label = verdict["prediction"]
             for t, target in enumerate(result.target_names):
                 column = result.column_name(b, t)
@@ -115,6 +115,8 @@ def evaluate_localization(checkpoint, manifest_csv, out_dir, method: str = "grad
         frame = frame[frame["path"].isin(set(boxes["path"]))]
     if mask_column:
         frame = frame[frame[mask_column].notna()]
+    if lungs and lungs != "ct" and boxes is None and not mask_column:  # only the lung share: rows with lungs
+        frame = frame[frame[lungs].notna()]
     if limit:
         frame = frame.head(limit)
     if frame.empty:

@@ -2,9 +2,13 @@
 
 from chestdx.models.backbones import BACKBONES, backbone_names, create_backbone
 from chestdx.models.ladnn import LADNN, LESIONS, ladnn_loss
+from chestdx.models.magsd import MAGSD
+from chestdx.models.plain import PlainClassifier
 from chestdx.models.registry import ModelEntry, create_model, get_entry, list_models, register
 
 _CT_PREPROCESS = {"channels": 1, "resize": "pad", "clahe": False}
+_CXR_PREPROCESS = {"channels": 1, "resize": "pad", "clahe": True, "zscore": True}
+_CXR_CLASSES = ("normal", "pneumonia", "covid")
 
 register(ModelEntry(
     name="ladnn",
@@ -25,6 +29,25 @@ register(ModelEntry(
     preprocessing=_CT_PREPROCESS,
     paper="la-dnn_ct_online_003",
 ))
+register(ModelEntry(
+    name="magsd",
+    builder=lambda **kw: MAGSD(num_classes=len(_CXR_CLASSES), **kw),
+    description="MAG-SD: multiscale attention, attention pooling, attention guided augmentation, soft distance "
+                "(Li et al., JBHI 2021)",
+    modality="CXR",
+    classes=_CXR_CLASSES,
+    preprocessing=_CXR_PREPROCESS,
+    paper="mag-sd_cxr_000",
+))
+register(ModelEntry(
+    name="cxr_plain",
+    builder=lambda **kw: PlainClassifier(num_classes=len(_CXR_CLASSES), **kw),
+    description="Plain CXR classifier: backbone, global average pooling, linear (MAG-SD's baseline)",
+    modality="CXR",
+    classes=_CXR_CLASSES,
+    preprocessing=_CXR_PREPROCESS,
+    paper="mag-sd_cxr_000",
+))
 
-__all__ = ["BACKBONES", "LADNN", "LESIONS", "ModelEntry", "backbone_names", "create_backbone", "create_model",
+__all__ = ["BACKBONES", "LADNN", "MAGSD", "PlainClassifier", "LESIONS", "ModelEntry", "backbone_names", "create_backbone", "create_model",
            "get_entry", "ladnn_loss", "list_models", "register"]

@@ -19,13 +19,18 @@ from chestdx.utils import atomic_path
 FORMAT = "chestdx-model-v1"
 
 
+def model_kwargs(model_config: dict) -> dict:
+    """The constructor arguments of a config's `model` section (not the name, not the init weights)."""
+    return {k: v for k, v in model_config.items() if k not in ("name", "pretrained")}
+
+
 def make_bundle(model: torch.nn.Module, config: dict, **metadata) -> dict:
     m = config["model"]
     entry = get_entry(m["name"])
     return {
         "format": FORMAT,
         "registry_name": m["name"],
-        "model_kwargs": {"backbone": m["backbone"], "dropout": m.get("dropout", 0.2)},
+        "model_kwargs": model_kwargs(m),
         "classes": list(entry.classes),
         "lesions": list(entry.lesions),
         "modality": entry.modality,

@@ -52,7 +52,8 @@ def attention_pooling(attention: torch.Tensor, features: torch.Tensor) -> torch.
 
 class MAGSD(nn.Module):
     def __init__(self, backbone: str = "efficientnet_lite0", pretrained=None, in_chans: int = 1, num_classes: int = 3,
-                 n_maps: int = 32, scales=(7, 14), pooling: str = "attention", dropout: float = 0.0):
+                 n_maps: int = 32, scales=(7, 14), pooling: str = "attention", dropout: float = 0.0,
+                 drop_path: float = 0.0):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -60,7 +61,8 @@ class MAGSD(nn.Module):
         if not scales or not set(scales) <= set(SCALE_LEVELS):
             raise ValueError(f"scales must be a non-empty subset of {sorted(SCALE_LEVELS)}, got {scales}")
         # The whole backbone first, so ImageNet weights load as usual; then its head is pruned.
-        self.encoder = create_backbone(backbone, in_chans=in_chans, pretrained=pretrained)
+        kwargs = {"drop_path_rate": drop_path} if drop_path else {}
+        self.encoder = create_backbone(backbone, in_chans=in_chans, pretrained=pretrained, **kwargs)
         self.encoder.prune_intermediate_layers((-3, -2, -1), prune_norm=False, prune_head=True)
         channels = [info["num_chs"] for info in self.encoder.feature_info[-3:]]  # f1, f2, f3
         self.scales, self.pooling, self.n_maps = scales, pooling, n_maps

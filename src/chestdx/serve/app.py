@@ -109,7 +109,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         t_pre = time.perf_counter()
         out = predictor.predict_tensor(x)
         lesions = out["lesions"][0] if "lesions" in out else None
-        verdict = predictor.describe(float(out["probability"][0]), lesions)
+        verdict = predictor.describe(out["probability"][0], lesions)
         t_inf = time.perf_counter()
         result = {"model": served.name, **verdict}
         if heatmap and served.explainer is not None:

@@ -29,7 +29,7 @@ class Study(Base):
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     input_format: Mapped[str] = mapped_column(String(16))
     prediction: Mapped[str] = mapped_column(String(64))
-    threshold: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
     result: Mapped[dict] = mapped_column(JSON)  # probabilities, lesions, timings, image metadata
     image: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     image_media_type: Mapped[str | None] = mapped_column(String(64), nullable=True)

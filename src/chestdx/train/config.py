@@ -37,17 +37,31 @@ def deep_merge(base: dict, update: dict) -> dict:
 def load_config(path=None, overrides=()) -> dict:
     cfg = copy.deepcopy(DEFAULTS)
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ChestDxError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ChestDxError(f"{path}: not valid YAML ({err})") from None
-        cfg = deep_merge(cfg, loaded)
+        cfg = deep_merge(cfg, read_config_file(Path(path)))
     for item in overrides:
         apply_override(cfg, item)
     return cfg
+
+
+def read_config_file(path: Path, _seen=()) -> dict:
+    """One YAML file; `base: other.yaml` (relative to it) is read first and updated by the rest,
+    so an ablation row states only what it changes. Sections named in `replace: [...]` take the
+    place of the base's sections instead of updating them (another model, another paper row)."""
+    if not path.is_file():
+        raise ChestDxError(f"{path}: config file not found")
+    if path.resolve() in _seen:
+        raise ChestDxError(f"{path}: `base` refers back to itself")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ChestDxError(f"{path}: not valid YAML ({err})") from None
+    base, replace = loaded.pop("base", None), loaded.pop("replace", [])
+    if base:
+        inherited = read_config_file(path.parent / base, (*_seen, path.resolve()))
+        for section in replace:
+            inherited.pop(section, None)
+        loaded = deep_merge(inherited, loaded)
+    return loaded
 
 
 def apply_override(cfg: dict, item: str) -> None:

@@ -1,4 +1,10 @@
-"""The LightningModule shared by the 2D classifiers: loss, optimiser, schedule, validation AUC."""
+"""The LightningModule shared by the 2D classifiers: loss, optimiser, schedule, validation AUC.
+
+Binary models (one logit, e.g. LA-DNN) train on `ladnn_loss`; multi-class models on cross
+entropy; MAG-SD on its own step (Sec. III-C/D): a raw pass, the attention guided augmentations
+made from that pass's detached attention maps, one pass per augmented batch, and the soft
+distance (or L2) regularization over all of them.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,35 @@ import math
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from chestdx.models import create_model, ladnn_loss
+from chestdx.models import create_model, get_entry, ladnn_loss
+from chestdx.models.bundle import model_kwargs
+from chestdx.models.magsd import soft_distance_loss
+from chestdx.models.magsd_augment import AUGMENTATIONS, augment
+
+MAGSD_DEFAULTS = {"augmentations": list(AUGMENTATIONS), "regularization": "soft", "augment_per_step": 0,
+                  "confidence": 0.7, "smoothing": 0.1}
+
+
+def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Sigmoid of a single logit per image (binary models), softmax otherwise."""
+    return torch.sigmoid(logits) if logits.ndim == 1 else torch.softmax(logits, dim=1)
+
+
+def macro_auc(targets: np.ndarray, probs: np.ndarray) -> float:
+    """Binary AUC, or the macro one-vs-rest AUC; 0.5 when a class is missing from the targets."""
+    n_classes = 2 if probs.ndim == 1 else probs.shape[1]
+    if len(np.unique(targets)) < n_classes:
+        return 0.5
+    if probs.ndim == 1:
+        return float(roc_auc_score(targets, probs))
+    return float(roc_auc_score(targets, probs, multi_class="ovr", average="macro"))
+
+
+def predicted_class(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    return (probs >= threshold).astype(int) if probs.ndim == 1 else probs.argmax(1)
 
 
 class ClassifierModule(L.LightningModule):
@@ -18,8 +50,10 @@ class ClassifierModule(L.LightningModule):
         self.save_hyperparameters({"config": config})
         self.config = config
         m = config["model"]
-        self.model = create_model(m["name"], backbone=m["backbone"], pretrained=m.get("pretrained"),
-                                  dropout=m.get("dropout", 0.2), drop_path=m.get("drop_path", 0.0))
+        self.classes = get_entry(m["name"]).classes
+        self.model = create_model(m["name"], pretrained=m.get("pretrained"), **model_kwargs(m))
+        self.magsd = {**MAGSD_DEFAULTS, **config.get("magsd", {})} if m["name"] == "magsd" else None
+        self._rng = np.random.default_rng(config["train"]["seed"])
         self._val = []
 
     def forward(self, x):
@@ -32,18 +66,40 @@ class ClassifierModule(L.LightningModule):
 
     def training_step(self, batch, _):
         t = self.config["train"]
-        losses = ladnn_loss(self.model(batch["image"]), batch["target"], batch["lesions"], batch["lesion_mask"],
-                            lesion_weight=t["lesion_weight"], label_smoothing=t.get("label_smoothing", 0.0))
-        self.log("train_loss", losses["loss"], prog_bar=True, on_step=False, on_epoch=True,
-                 batch_size=len(batch["target"]))
-        if "loss_a" in losses:
-            self.log("train_loss_lesion", losses["loss_a"], on_step=False, on_epoch=True,
-                     batch_size=len(batch["target"]))
+        x, y = batch["image"], batch["target"]
+        if self.magsd is not None:
+            losses = self._magsd_losses(x, y)
+        elif len(self.classes) > 2:
+            ce = F.cross_entropy(self.model(x)["logits"], y, label_smoothing=t.get("label_smoothing", 0.0))
+            losses = {"loss": ce}
+        else:
+            losses = ladnn_loss(self.model(x), y, batch["lesions"], batch["lesion_mask"],
+                                lesion_weight=t["lesion_weight"], label_smoothing=t.get("label_smoothing", 0.0))
+        for key, value in losses.items():
+            name = {"loss": "train_loss", "loss_a": "train_loss_lesion"}.get(key, f"train_{key}")
+            self.log(name, value, prog_bar=key == "loss", on_step=False, on_epoch=True, batch_size=len(y))
         return losses["loss"]
+
+    def _magsd_losses(self, x, y) -> dict:
+        cfg = self.magsd
+        raw = self.model(x)
+        which = [a for a in AUGMENTATIONS if a in cfg["augmentations"]]
+        per_step = int(cfg["augment_per_step"] or 0)
+        if 0 < per_step < len(which):  # a CPU budget: a random subset of the augmentations each step
+            which = list(self._rng.choice(which, size=per_step, replace=False))
+        augmented = augment(x, raw["attention"], which)
+        aug_logits = [self.model(images)["logits"] for images in augmented.values()]
+        if cfg["regularization"] == "none":  # augmentations as plain extra training data
+            ce = F.cross_entropy(raw["logits"], y)
+            extra = sum((F.cross_entropy(lg, y) for lg in aug_logits), ce.new_zeros(()))
+            return {"loss": ce + extra, "loss_ce": ce}
+        out = soft_distance_loss(raw["logits"], aug_logits, y, mode=cfg["regularization"],
+                                 confidence=cfg["confidence"], smoothing=cfg["smoothing"])
+        return {"loss": out["loss"], "loss_ce": out["loss_ce"], "loss_reg": out["loss_reg"], "trusted": out["trusted"]}
 
     def validation_step(self, batch, _):
         out = self.model(batch["image"])
-        self._val.append((torch.sigmoid(out["logits"]).float().cpu(), batch["target"].cpu()))
+        self._val.append((class_probabilities(out["logits"]).float().cpu(), batch["target"].cpu()))
 
     def on_validation_epoch_end(self):
         if not self._val:
@@ -51,17 +107,18 @@ class ClassifierModule(L.LightningModule):
         probs = torch.cat([p for p, _ in self._val]).numpy()
         targets = torch.cat([t for _, t in self._val]).numpy()
         self._val.clear()
-        auc = roc_auc_score(targets, probs) if len(np.unique(targets)) == 2 else 0.5
-        acc = float(((probs >= 0.5) == targets).mean())
-        self.log("val_auc", float(auc), prog_bar=True)
-        self.log("val_acc", acc, prog_bar=True)
+        self.log("val_auc", macro_auc(targets, probs), prog_bar=True)
+        self.log("val_acc", float((predicted_class(probs) == targets).mean()), prog_bar=True)
 
     def configure_optimizers(self):
         t = self.config["train"]
-        backbone = [p for n, p in self.model.named_parameters() if n.startswith("backbone.")]
-        heads = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.")]
-        opt = torch.optim.AdamW([{"params": backbone, "lr": t["lr"]}, {"params": heads, "lr": t["lr"] * 10}],
-                                weight_decay=t["weight_decay"])
+        backbone = [p for n, p in self.model.named_parameters() if n.startswith(("backbone.", "encoder."))]
+        heads = [p for n, p in self.model.named_parameters() if not n.startswith(("backbone.", "encoder."))]
+        groups = [{"params": backbone, "lr": t["lr"]}, {"params": heads, "lr": t["lr"] * t.get("head_lr_factor", 10)}]
+        if t.get("optimizer", "adamw") == "sgd":  # MAG-SD's paper setting: SGD, momentum 0.9
+            opt = torch.optim.SGD(groups, momentum=0.9, weight_decay=t["weight_decay"])
+        else:
+            opt = torch.optim.AdamW(groups, weight_decay=t["weight_decay"])
         total = max(1, self.trainer.estimated_stepping_batches)
         warmup = min(total - 1, int(t.get("warmup_epochs", 1) * total / max(1, t["epochs"])))
 

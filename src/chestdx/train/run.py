@@ -24,13 +24,13 @@ from chestdx.data.transforms import build_pipeline
 from chestdx.evaluate.metrics import youden_threshold
 from chestdx.models.backbones import grey_normalisation
 from chestdx.models.bundle import make_bundle, save_bundle
-from chestdx.train.module import ClassifierModule
+from chestdx.train.module import ClassifierModule, class_probabilities, macro_auc, predicted_class
 from chestdx.utils import write_json_atomic
 
 
-def build_datasets(cfg: dict, progress: bool = True) -> dict:
-    info = get_dataset(cfg["dataset"])
-    manifest = info.manifest()
+def build_datasets(cfg: dict, progress: bool = True, manifest=None) -> dict:
+    """Train and val datasets of the config's named dataset, or of `manifest` (e.g. one CV fold)."""
+    manifest = manifest if manifest is not None else get_dataset(cfg["dataset"]).manifest()
     pre = {**grey_normalisation(cfg["model"]["backbone"]), **cfg["preprocess"]}
     cfg["preprocess"] = pre
     limit = int(cfg["train"].get("limit_per_split") or 0)
@@ -81,7 +81,7 @@ def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None)
     val_metrics = _validation_summary(module, val_loader)
     bundle = make_bundle(module.model, cfg, data_fingerprint=data["fingerprint"],
                          validation=val_metrics, best_epoch=_best_epoch(state), seconds_per_epoch=seconds / epochs_run)
-    bundle["threshold"] = val_metrics["youden_threshold"]
+    bundle["threshold"] = val_metrics.get("youden_threshold", 0.5)
     path = save_bundle(bundle, run_dir / "model.pt")
     write_json_atomic(run_dir / "train_summary.json", {k: v for k, v in bundle.items() if k != "state_dict"})
     return path
@@ -93,17 +93,17 @@ def _best_epoch(state) -> int | None:
 
 @torch.no_grad()
 def _validation_summary(module, loader) -> dict:
-    from sklearn.metrics import roc_auc_score
-
+    """Validation AUC and accuracy with flip TTA (as evaluation runs); Youden threshold for binary models."""
     probs, targets = [], []
     for batch in loader:
         x = batch["image"]
-        p = (torch.sigmoid(module(x)["logits"]) + torch.sigmoid(module(x.flip(-1))["logits"])) / 2
-        probs.append(p)
+        probs.append((class_probabilities(module(x)["logits"]) + class_probabilities(module(x.flip(-1))["logits"])) / 2)
         targets.append(batch["target"])
     p, y = torch.cat(probs).numpy(), torch.cat(targets).numpy()
-    return {"auc": float(roc_auc_score(y, p)), "accuracy": float(((p >= 0.5) == y).mean()),
-            "youden_threshold": youden_threshold(y, p)}
+    summary = {"auc": macro_auc(y, p), "accuracy": float((predicted_class(p) == y).mean())}
+    if p.ndim == 1:
+        summary["youden_threshold"] = youden_threshold(y, p)
+    return summary
 
 
 def _progress_bar():
