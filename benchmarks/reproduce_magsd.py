@@ -34,16 +34,22 @@ CPU_BUDGET = ["train.epochs=5", "train.optimizer=adamw", "train.lr=3.0e-4", "tra
               "train.patience=5", "magsd.augment_per_step=1"]
 
 
-def train_and_test(config_name: str, run_dir: Path, overrides: list[str], manifest=None, n_boot: int = 1000) -> dict:
+def train_and_test(config_name: str, run_dir: Path, overrides: list[str], manifest=None, n_boot: int = 1000,
+                   reuse: bool = False) -> dict:
     from chestdx.evaluate.run import evaluate_bundle
     from chestdx.train.config import load_config
     from chestdx.train.run import build_datasets, fit
 
     cfg = load_config(ROOT / "configs" / config_name, overrides)
     started = time.time()
-    datasets = build_datasets(cfg, progress=False, manifest=manifest) if manifest is not None else None
-    model_path = fit(cfg, run_dir, progress=False, datasets=datasets)
-    train_seconds = time.time() - started
+    if reuse and (run_dir / "model.pt").is_file():  # a finished model from an earlier invocation
+        model_path = run_dir / "model.pt"
+        done = json.loads((run_dir / "train_summary.json").read_text())
+        train_seconds = done["seconds_per_epoch"] * cfg["train"]["epochs"]
+    else:
+        datasets = build_datasets(cfg, progress=False, manifest=manifest) if manifest is not None else None
+        model_path = fit(cfg, run_dir, progress=False, datasets=datasets)
+        train_seconds = time.time() - started
     metrics = evaluate_bundle(model_path, run_dir / "eval", n_boot=n_boot, manifest=manifest)
     summary = json.loads((run_dir / "train_summary.json").read_text())
     test = metrics["test"]
@@ -78,7 +84,7 @@ def fixed_split(args, overrides) -> dict:
     result = {}
     for key, config_name in MODELS.items():
         print(f"== {key} ({config_name})", flush=True)
-        result[key] = train_and_test(config_name, args.out / key, overrides)
+        result[key] = train_and_test(config_name, args.out / key, overrides, reuse=args.reuse)
     if not args.no_localization:
         result["localization"] = {
             "magsd_attention": localization(result["magsd"]["model"], args.out / "localization_magsd", "native"),
@@ -149,6 +155,7 @@ def main() -> None:
     parser.add_argument("--paper-schedule", action="store_true", help="the configs as written (100 epochs, SGD)")
     parser.add_argument("--set", action="append", default=[], help="config override for both models")
     parser.add_argument("--no-localization", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="keep models already finished in --out (train the rest)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     tag = f"folds{args.folds}" if args.folds else "fixed"

@@ -50,3 +50,11 @@ def tiny_models_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("models")
     save_bundle(bundle, folder / "ladnn-tiny.pt")
     return folder
+
+
+@pytest.fixture(scope="session")
+def cxr_covid_dir() -> Path:
+    folder = data_root() / "cxr-covid"
+    if not (folder / "manifest.csv").exists():
+        pytest.skip(f"cxr-covid not found under {data_root()} (set CHESTDX_DATA)")
+    return folder

@@ -19,7 +19,7 @@ from chestdx.inference import Predictor
 
 log = logging.getLogger("chestdx.serve")
 
-INTENDED_USE = ("Research use only, not for diagnosis. Estimates the probability of COVID-19 pneumonia (and, "
+INTENDED_USE = ("Research use only, not for diagnosis. Estimates the probabilities of {classes} (and, "
                 "where the model has a lesion head, of five CT lesion types) from one {modality} image of an adult "
                 "chest; trained on public data whose sources are confounded with the label.")
 
@@ -44,7 +44,7 @@ class ServedModel:
             "threshold": b.get("threshold"),
             "input_size": b.get("preprocess", {}).get("size"),
             "metrics": {"validation": b.get("validation", {})},
-            "intended_use": INTENDED_USE.format(modality=b.get("modality", "chest")),
+            "intended_use": INTENDED_USE.format(modality=b.get("modality", "chest"), classes=" / ".join(b.get("classes") or [])),
             "backend": self.predictor.backend,
             "heatmaps": self.explainer is not None,
         }
