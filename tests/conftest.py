@@ -10,12 +10,16 @@ import pytest
 from chestdx.settings import data_root
 
 
+def _real_dataset(name: str) -> Path:
+    folder = data_root() / name
+    if not (folder / "manifest.csv").exists():
+        pytest.skip(f"{name} not found under {data_root()} (set CHESTDX_DATA)")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def covid_ct_dir() -> Path:
-    folder = data_root() / "covid-ct"
-    if not (folder / "manifest.csv").exists():
-        pytest.skip(f"covid-ct not found under {data_root()} (set CHESTDX_DATA)")
-    return folder
+    return _real_dataset("covid-ct")
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +58,4 @@ def tiny_models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cxr_covid_dir() -> Path:
-    folder = data_root() / "cxr-covid"
-    if not (folder / "manifest.csv").exists():
-        pytest.skip(f"cxr-covid not found under {data_root()} (set CHESTDX_DATA)")
-    return folder
+    return _real_dataset("cxr-covid")
