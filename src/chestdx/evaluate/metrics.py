@@ -61,15 +61,13 @@ def evaluate_multiclass(y_true, prob, groups, classes, n_boot: int = 1000, seed:
     """`multiclass_metrics` with patient-bootstrap 95% CIs of the headline values."""
     point = multiclass_metrics(y_true, prob, classes)
     headline = ("accuracy", "macro_sensitivity", "macro_specificity", "macro_f1", "macro_auc")
-    y, p = np.asarray(y_true), np.asarray(prob)
-    samples: dict[str, list] = {}
-    for idx in patient_resamples(groups, n_boot, seed):
-        if len(np.unique(y[idx])) < len(classes):
-            continue
-        values = multiclass_metrics(y[idx], p[idx], classes)
-        for key in headline:
-            samples.setdefault(key, []).append(values[key])
-    point.update({f"{k}_ci": v for k, v in _percentiles(samples, 0.05).items()})
+
+    def values(y, p):
+        m = multiclass_metrics(y, p, classes)
+        return {key: m[key] for key in headline}
+
+    cis = bootstrap_ci(y_true, prob, groups, values, n=n_boot, seed=seed, min_classes=len(classes))
+    point.update({f"{k}_ci": v for k, v in cis.items()})
     return point
 
 
@@ -105,12 +103,14 @@ def _percentiles(samples: dict, alpha: float) -> dict:
             for key, v in samples.items()}
 
 
-def bootstrap_ci(y_true, prob, groups, metric, n: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
-    """Percentile CIs of every value `metric(y, p)` returns, resampling patients with replacement."""
+def bootstrap_ci(y_true, prob, groups, metric, n: int = 1000, seed: int = 0, alpha: float = 0.05,
+                 min_classes: int = 2) -> dict:
+    """Percentile CIs of every value `metric(y, p)` returns, resampling patients with replacement;
+    resamples with fewer than `min_classes` classes are skipped."""
     y, p = np.asarray(y_true), np.asarray(prob)
     samples: dict[str, list] = {}
     for idx in patient_resamples(groups, n, seed):
-        if len(np.unique(y[idx])) < 2:
+        if len(np.unique(y[idx])) < min_classes:
             continue
         for key, value in metric(y[idx], p[idx]).items():
             samples.setdefault(key, []).append(value)
