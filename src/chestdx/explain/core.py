@@ -189,7 +189,8 @@ def _cam(method: str, model, scorer, x: torch.Tensor, cols) -> np.ndarray:
         raise ChestDxError(f"{type(model).__name__} declares no target_layer(); CAM methods need one")
     if method == "scorecam" and x.ndim != 4:
         raise ChestDxError("Score-CAM is implemented for 2D images only; use gradcam or gradcam++ for volumes")
-    with torch.enable_grad(), CAM_METHODS[method](model=scorer, target_layers=[model.target_layer()]) as cam:
+    layers = model.target_layers() if hasattr(model, "target_layers") else [model.target_layer()]
+    with torch.enable_grad(), CAM_METHODS[method](model=scorer, target_layers=layers) as cam:
         if method == "scorecam":
             cam.batch_size = 64
         return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in cols])

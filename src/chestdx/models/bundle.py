@@ -13,6 +13,7 @@ import torch
 
 from chestdx.errors import ChestDxError
 from chestdx.models.backbones import grey_normalisation
+from chestdx.models.ensemble import Ensemble
 from chestdx.models.registry import create_model, get_entry
 from chestdx.utils import atomic_path
 
@@ -38,7 +39,8 @@ def make_bundle(model: torch.nn.Module, config: dict, **metadata) -> dict:
         "tta": bool(config.get("evaluate", {}).get("tta", False)),
         "config": config,
         "threshold": 0.5,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "ensemble": len(model.members) if isinstance(model, Ensemble) else 0,
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         **metadata,
     }
 
@@ -60,7 +62,16 @@ def load_bundle(path) -> tuple[torch.nn.Module, dict]:
         raise ChestDxError(f"{path}: not a readable chestdx model ({err})") from None
     if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
         raise ChestDxError(f"{path}: not a chestdx model bundle (expected format {FORMAT})")
-    model = create_model(bundle["registry_name"], pretrained=None, **bundle["model_kwargs"])
+    model = build_model(bundle)
     model.load_state_dict(bundle["state_dict"])
     model.eval()
     return model, bundle
+
+
+def build_model(bundle: dict) -> torch.nn.Module:
+    """The bundle's architecture, untrained: one registered model, or a seed ensemble of them."""
+    def one():
+        return create_model(bundle["registry_name"], pretrained=None, **bundle["model_kwargs"])
+
+    members = int(bundle.get("ensemble") or 0)
+    return Ensemble([one() for _ in range(members)]) if members else one()

@@ -52,12 +52,19 @@ class ClassifierModule(L.LightningModule):
         m = config["model"]
         self.classes = get_entry(m["name"]).classes
         self.model = create_model(m["name"], pretrained=m.get("pretrained"), **model_kwargs(m))
+        if config["train"].get("channels_last", True):  # oneDNN convolutions run ~2x faster on CPU in NHWC
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.magsd = {**MAGSD_DEFAULTS, **config.get("magsd", {})} if m["name"] == "magsd" else None
         self._rng = np.random.default_rng(config["train"]["seed"])
         self._val = []
 
     def forward(self, x):
         return self.model(x)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        if self.config["train"].get("channels_last", True) and batch["image"].ndim == 4:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        return batch
 
     def on_train_epoch_start(self):
         loader = self.trainer.train_dataloader

@@ -8,6 +8,7 @@ a kill resumes from `last.ckpt`.
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from chestdx.data.datasets import get_dataset
 from chestdx.data.transforms import build_pipeline
 from chestdx.evaluate.metrics import youden_threshold
 from chestdx.models.backbones import grey_normalisation
-from chestdx.models.bundle import make_bundle, save_bundle
+from chestdx.models.bundle import load_bundle, make_bundle, save_bundle
+from chestdx.models.ensemble import Ensemble
 from chestdx.train.module import ClassifierModule, class_probabilities, macro_auc, predicted_class
 from chestdx.utils import write_json_atomic
 
@@ -49,9 +51,14 @@ def build_datasets(cfg: dict, progress: bool = True, manifest=None) -> dict:
 
 
 def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None) -> Path:
-    """Train (or resume) and write `<run_dir>/model.pt`; returns its path."""
+    """Train (or resume) and write `<run_dir>/model.pt`; returns its path.
+
+    `train.ensemble: K` (> 1) trains K members from seeds seed, seed+1, ... in
+    `<run_dir>/member_<k>` and bundles them as one seed ensemble (models/ensemble.py)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if int(cfg["train"].get("ensemble") or 1) > 1:
+        return _fit_ensemble(cfg, run_dir, progress)
     t = cfg["train"]
     L.seed_everything(t["seed"], workers=True, verbose=False)
     data = datasets or build_datasets(cfg, progress)
@@ -81,6 +88,36 @@ def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None)
     val_metrics = _validation_summary(module, val_loader)
     bundle = make_bundle(module.model, cfg, data_fingerprint=data["fingerprint"],
                          validation=val_metrics, best_epoch=_best_epoch(state), seconds_per_epoch=seconds / epochs_run)
+    bundle["threshold"] = val_metrics.get("youden_threshold", 0.5)
+    path = save_bundle(bundle, run_dir / "model.pt")
+    write_json_atomic(run_dir / "train_summary.json", {k: v for k, v in bundle.items() if k != "state_dict"})
+    return path
+
+
+def _fit_ensemble(cfg: dict, run_dir: Path, progress: bool) -> Path:
+    t = cfg["train"]
+    members, summaries, data = [], [], None
+    for k in range(int(t["ensemble"])):
+        member_cfg = copy.deepcopy(cfg)
+        member_cfg["train"].update(ensemble=1, seed=int(t["seed"]) + k)
+        member_dir = run_dir / f"member_{k}"
+        path = member_dir / "model.pt"
+        if not (path.is_file() and (member_dir / "train_summary.json").is_file()):  # finished members are kept
+            data = build_datasets(member_cfg, progress)
+            path = fit(member_cfg, member_dir, progress, datasets=data)
+        model, bundle = load_bundle(path)
+        members.append(model)
+        summaries.append(bundle)
+    cfg["preprocess"] = summaries[0]["preprocess"]
+    data = data or build_datasets(copy.deepcopy(cfg), progress)
+    ensemble = Ensemble(members).eval()
+    val_loader = DataLoader(data["val"], batch_size=64, shuffle=False, num_workers=t["num_workers"])
+    val_metrics = _validation_summary(ensemble, val_loader)
+    bundle = make_bundle(ensemble, cfg, data_fingerprint=data["fingerprint"], validation=val_metrics,
+                         best_epoch=[s.get("best_epoch") for s in summaries],
+                         seconds_per_epoch=float(np.mean([s["seconds_per_epoch"] for s in summaries])),
+                         members=[{"seed": s["config"]["train"]["seed"], "validation": s["validation"]}
+                                  for s in summaries])
     bundle["threshold"] = val_metrics.get("youden_threshold", 0.5)
     path = save_bundle(bundle, run_dir / "model.pt")
     write_json_atomic(run_dir / "train_summary.json", {k: v for k, v in bundle.items() if k != "state_dict"})

@@ -1,0 +1,84 @@
+"""Seed ensembles: averaged probabilities, bundles, CAMs, and training K members on real data."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from chestdx.explain import explain
+from chestdx.models import create_model
+from chestdx.models.bundle import load_bundle, make_bundle, save_bundle
+from chestdx.models.ensemble import Ensemble
+from chestdx.train.config import load_config
+
+
+def _members(name, n=3, **kw):
+    torch.manual_seed(0)
+    return [create_model(name, backbone="resnet18", **kw).eval() for _ in range(n)]
+
+
+def test_binary_ensemble_averages_member_probabilities():
+    members = _members("ladnn")
+    with torch.no_grad():  # confident members, so averaging probabilities and logits differ visibly
+        for m in members:
+            m.covid_head.weight.mul_(200)
+    x = torch.randn(4, 1, 64, 64)
+    with torch.no_grad():
+        outs = [m(x) for m in members]
+        got = Ensemble(members)(x)
+    want = torch.stack([torch.sigmoid(o["logits"]) for o in outs]).mean(0)
+    torch.testing.assert_close(torch.sigmoid(got["logits"]), want, atol=1e-5, rtol=1e-5)
+    want_lesions = torch.stack([torch.sigmoid(o["lesion_logits"]) for o in outs]).mean(0)
+    torch.testing.assert_close(torch.sigmoid(got["lesion_logits"]), want_lesions, atol=1e-5, rtol=1e-5)
+    # Not the sigmoid of the mean logit: the two differ for members that disagree.
+    assert not torch.allclose(torch.sigmoid(torch.stack([o["logits"] for o in outs]).mean(0)), want, atol=1e-4)
+
+
+def test_multiclass_ensemble_averages_softmax():
+    members = _members("cxr_plain")
+    x = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        want = torch.stack([torch.softmax(m(x)["logits"], 1) for m in members]).mean(0)
+        got = torch.softmax(Ensemble(members)(x)["logits"], 1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_ensemble_bundle_round_trip_and_cam(tmp_path):
+    cfg = load_config(None, ["model.backbone=resnet18", "model.pretrained=none", "train.ensemble=2"])
+    ensemble = Ensemble(_members("ladnn", n=2)).eval()
+    path = save_bundle(make_bundle(ensemble, cfg), tmp_path / "m.pt")
+    loaded, meta = load_bundle(path)
+    assert meta["ensemble"] == 2 and isinstance(loaded, Ensemble)
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["logits"], ensemble(x)["logits"])
+    assert len(loaded.target_layers()) == 2
+    maps = explain(loaded, x, method="gradcam", target="covid", classes=["noncovid", "covid"],
+                   lesions=list(meta["lesions"])).maps
+    assert maps.shape == (2, 1, 64, 64) and np.isfinite(maps).all()
+
+
+def test_fit_trains_each_member_and_bundles_the_ensemble(tmp_path, covid_ct_dir):
+    from chestdx.train.run import fit
+
+    cfg = load_config("configs/ladnn_covidct.yaml", [
+        "train.limit_per_split=16", "train.batch_size=8", "preprocess.size=64", "train.epochs=1",
+        "train.ensemble=2", "train.seed=5"])
+    path = fit(copy.deepcopy(cfg), tmp_path / "run", progress=False)
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert [m["seed"] for m in summary["members"]] == [5, 6]
+    model, bundle = load_bundle(path)
+    m0, _ = load_bundle(tmp_path / "run" / "member_0" / "model.pt")
+    m1, _ = load_bundle(tmp_path / "run" / "member_1" / "model.pt")
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        want = (torch.sigmoid(m0(x)["logits"]) + torch.sigmoid(m1(x)["logits"])) / 2
+        torch.testing.assert_close(torch.sigmoid(model(x)["logits"]), want, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(m0(x)["logits"], m1(x)["logits"])  # different seeds, different members
+    assert 0.0 <= bundle["validation"]["auc"] <= 1.0 and "youden_threshold" in bundle["validation"]
+    # A second call reuses the finished members instead of training them again.
+    before = (tmp_path / "run" / "member_0" / "model.pt").stat().st_mtime
+    fit(copy.deepcopy(cfg), tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "member_0" / "model.pt").stat().st_mtime == before
