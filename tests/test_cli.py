@@ -14,7 +14,7 @@ import pytest
 from tests.test_io import make_dicom
 
 SMALL = ["--set", "train.limit_per_split=24", "--set", "train.batch_size=8", "--set", "preprocess.size=64",
-         "--set", "evaluate.bootstrap=50"]
+         "--set", "evaluate.bootstrap=50", "--set", "train.ensemble=1"]
 CHESTDX = [sys.executable, "-m", "chestdx.cli"]
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from chestdx.explain import explain
+from chestdx.export import export_onnx, load_onnx
 from chestdx.models import create_model
 from chestdx.models.bundle import load_bundle, make_bundle, save_bundle
 from chestdx.models.ensemble import Ensemble
@@ -46,7 +47,7 @@ def test_multiclass_ensemble_averages_softmax():
 
 
 def test_ensemble_bundle_round_trip_and_cam(tmp_path):
-    cfg = load_config(None, ["model.backbone=resnet18", "model.pretrained=none", "train.ensemble=2"])
+    cfg = load_config(None, ["model.backbone=resnet18", "model.pretrained=none", "train.ensemble=2", "preprocess.size=64"])
     ensemble = Ensemble(_members("ladnn", n=2)).eval()
     path = save_bundle(make_bundle(ensemble, cfg), tmp_path / "m.pt")
     loaded, meta = load_bundle(path)
@@ -58,6 +59,8 @@ def test_ensemble_bundle_round_trip_and_cam(tmp_path):
     maps = explain(loaded, x, method="gradcam", target="covid", classes=["noncovid", "covid"],
                    lesions=list(meta["lesions"])).maps
     assert maps.shape == (2, 1, 64, 64) and np.isfinite(maps).all()
+    onnx_model, _ = load_onnx(export_onnx(path, tmp_path / "m.onnx"))
+    torch.testing.assert_close(onnx_model(x)["logits"], ensemble(x)["logits"].detach(), atol=1e-4, rtol=1e-4)
 
 
 def test_fit_trains_each_member_and_bundles_the_ensemble(tmp_path, covid_ct_dir):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from chestdx.models import ladnn_loss
+from chestdx.models.ladnn import negatives_lesion_free
 
 
 def bce(logit, y):
@@ -36,3 +37,18 @@ def test_baseline_ignores_the_lesion_term():
     out = {"logits": torch.tensor([0.3]), "lesion_logits": torch.tensor([[5.0] * 5])}
     losses = ladnn_loss(out, torch.tensor([1]), torch.zeros(1, 5), torch.ones(1, 5), lesion_weight=0.0)
     assert "loss_a" not in losses and losses["loss"].item() == pytest.approx(bce(0.3, 1), rel=1e-5)
+
+
+def test_negatives_lesion_free_adds_the_negatives_as_known_zeros():
+    out = {"logits": torch.tensor([2.0, -1.0]),
+           "lesion_logits": torch.tensor([[1.0, -2.0, 0.5, 0.0, 3.0], [9.0, -9.0, 0.0, 1.0, -1.0]])}
+    covid = torch.tensor([1, 0])
+    lesions = torch.tensor([[1, 0, 0, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.float32)  # junk where unknown
+    mask = torch.tensor([[1, 1, 1, 1, 0], [0, 0, 0, 0, 0]], dtype=torch.float32)
+    new_lesions, new_mask = negatives_lesion_free(covid, lesions, mask)
+    assert new_mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]  # the positive's unknown stays unknown
+    assert new_lesions[1].tolist() == [0, 0, 0, 0, 0] and new_lesions[0].tolist() == lesions[0].tolist()
+    losses = ladnn_loss(out, covid, new_lesions, new_mask, lesion_weight=1.0)
+    positive = bce(1.0, 1) + bce(-2.0, 0) + bce(0.5, 0) + bce(0.0, 1)
+    negative = sum(bce(v, 0) for v in (9.0, -9.0, 0.0, 1.0, -1.0))
+    assert losses["loss_a"].item() == pytest.approx((positive + negative) / 9, rel=1e-5)

@@ -46,6 +46,17 @@ class LADNN(nn.Module):
         return self.backbone.get_submodule(self.backbone.feature_info[-1]["module"])
 
 
+def negatives_lesion_free(covid: torch.Tensor, lesions: torch.Tensor, known: torch.Tensor):
+    """Lesion targets with every COVID-negative image read as showing none of the five lesions.
+
+    The dataset leaves negatives' lesion labels unknown (some negatives are other pneumonias);
+    the official code trains them as all-zero. Used as an option, it gives the lesion head
+    negative examples, so L_A also separates COVID from non-COVID instead of only telling the
+    COVID lesions apart."""
+    negative = (covid == 0)[:, None]
+    return lesions.masked_fill(negative, 0), known.masked_fill(negative, 1)
+
+
 def ladnn_loss(out: dict, covid: torch.Tensor, lesions: torch.Tensor | None = None,
                lesion_mask: torch.Tensor | None = None, lesion_weight: float = 1.0,
                label_smoothing: float = 0.0) -> dict:

@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from chestdx.models import create_model, get_entry, ladnn_loss
 from chestdx.models.bundle import model_kwargs
+from chestdx.models.ladnn import negatives_lesion_free
 from chestdx.models.magsd import soft_distance_loss
 from chestdx.models.magsd_augment import AUGMENTATIONS, augment
 
@@ -80,8 +81,11 @@ class ClassifierModule(L.LightningModule):
             ce = F.cross_entropy(self.model(x)["logits"], y, label_smoothing=t.get("label_smoothing", 0.0))
             losses = {"loss": ce}
         else:
-            losses = ladnn_loss(self.model(x), y, batch["lesions"], batch["lesion_mask"],
-                                lesion_weight=t["lesion_weight"], label_smoothing=t.get("label_smoothing", 0.0))
+            lesions, known = batch["lesions"], batch["lesion_mask"]
+            if t.get("negatives_lesion_free"):
+                lesions, known = negatives_lesion_free(y, lesions, known)
+            losses = ladnn_loss(self.model(x), y, lesions, known, lesion_weight=t["lesion_weight"],
+                                label_smoothing=t.get("label_smoothing", 0.0))
         for key, value in losses.items():
             name = {"loss": "train_loss", "loss_a": "train_loss_lesion"}.get(key, f"train_{key}")
             self.log(name, value, prog_bar=key == "loss", on_step=False, on_epoch=True, batch_size=len(y))
