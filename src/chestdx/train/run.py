@@ -88,10 +88,7 @@ def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None)
     val_metrics = _validation_summary(module, val_loader)
     bundle = make_bundle(module.model, cfg, data_fingerprint=data["fingerprint"],
                          validation=val_metrics, best_epoch=_best_epoch(state), seconds_per_epoch=seconds / epochs_run)
-    bundle["threshold"] = val_metrics.get("youden_threshold", 0.5)
-    path = save_bundle(bundle, run_dir / "model.pt")
-    write_json_atomic(run_dir / "train_summary.json", {k: v for k, v in bundle.items() if k != "state_dict"})
-    return path
+    return _write_bundle(bundle, val_metrics, run_dir)
 
 
 def _fit_ensemble(cfg: dict, run_dir: Path, progress: bool) -> Path:
@@ -118,6 +115,11 @@ def _fit_ensemble(cfg: dict, run_dir: Path, progress: bool) -> Path:
                          seconds_per_epoch=float(np.mean([s["seconds_per_epoch"] for s in summaries])),
                          members=[{"seed": s["config"]["train"]["seed"], "validation": s["validation"]}
                                   for s in summaries])
+    return _write_bundle(bundle, val_metrics, run_dir)
+
+
+def _write_bundle(bundle: dict, val_metrics: dict, run_dir: Path) -> Path:
+    """`model.pt` with the validation (Youden) threshold, and its summary without the weights."""
     bundle["threshold"] = val_metrics.get("youden_threshold", 0.5)
     path = save_bundle(bundle, run_dir / "model.pt")
     write_json_atomic(run_dir / "train_summary.json", {k: v for k, v in bundle.items() if k != "state_dict"})
