@@ -50,7 +50,6 @@ def evaluate_run(run_dir: Path, n_boot: int) -> dict:
         "test": {k: test[k] for k in ("auc", "accuracy", "sensitivity", "specificity", "f1")}
         | {"auc_ci": test["auc_ci"], "accuracy_ci": test["accuracy_ci"]},
         "test_at_validation_threshold": metrics["test"]["at_val_threshold"],
-        "decision": metrics.get("decision", "covid"),
         "validation": summary["validation"],
         "best_epoch": summary.get("best_epoch"),
         "seconds_per_epoch": summary["seconds_per_epoch"],

@@ -3,10 +3,8 @@ import math
 import pytest
 import torch
 
-from chestdx.errors import ChestDxError
 from chestdx.models import ladnn_loss
-from chestdx.models.ladnn import lesion_fused_probability, negatives_lesion_free
-from chestdx.train.module import decision_probabilities
+from chestdx.models.ladnn import negatives_lesion_free
 
 
 def bce(logit, y):
@@ -54,22 +52,3 @@ def test_negatives_lesion_free_adds_the_negatives_as_known_zeros():
     positive = bce(1.0, 1) + bce(-2.0, 0) + bce(0.5, 0) + bce(0.0, 1)
     negative = sum(bce(v, 0) for v in (9.0, -9.0, 0.0, 1.0, -1.0))
     assert losses["loss_a"].item() == pytest.approx((positive + negative) / 9, rel=1e-5)
-
-
-def test_lesion_fused_probability_averages_covid_with_the_likeliest_lesion():
-    p_covid = torch.tensor([0.9, 0.2])
-    lesions = torch.tensor([[0.1, 0.7, 0.3, 0.0, 0.2], [0.05, 0.01, 0.6, 0.4, 0.0]])
-    got = lesion_fused_probability(p_covid, lesions)
-    torch.testing.assert_close(got, torch.tensor([(0.9 + 0.7) / 2, (0.2 + 0.6) / 2]))
-
-
-def test_decision_probabilities_read_the_configured_heads():
-    out = {"logits": torch.tensor([0.0, 2.0]), "lesion_logits": torch.tensor([[-9.0] * 5, [0.0, 3.0, -1.0, 0.0, 0.0]])}
-    covid = torch.sigmoid(out["logits"])
-    torch.testing.assert_close(decision_probabilities(out, "covid"), covid)
-    fused = decision_probabilities(out, "covid_lesion_mean")
-    torch.testing.assert_close(fused, (covid + torch.sigmoid(torch.tensor([-9.0, 3.0]))) / 2)
-    with pytest.raises(ChestDxError, match="must be one of"):
-        decision_probabilities(out, "lesions_only")
-    with pytest.raises(ChestDxError, match="lesion head"):  # the He et al. baseline has none
-        decision_probabilities({"logits": out["logits"]}, "covid_lesion_mean")

@@ -91,22 +91,3 @@ def test_bundle_round_trip(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(ChestDxError, match="not a readable chestdx model"):
         load_bundle(tmp_path / "junk.pt")
-
-
-def test_predictor_reads_the_bundles_decision(tmp_path):
-    from chestdx.export import export_onnx
-    from chestdx.inference import Predictor
-
-    cfg = load_config(None, ["model.backbone=resnet18", "model.pretrained=none", "preprocess.size=64",
-                             "evaluate.decision=covid_lesion_mean"])
-    torch.manual_seed(0)
-    model = create_model("ladnn", backbone="resnet18").eval()
-    path = save_bundle(make_bundle(model, cfg), tmp_path / "m.pt")
-    x = torch.randn(2, 1, 64, 64)
-    with torch.no_grad():
-        views = [model(x), model(x.flip(-1))]  # flip TTA, as the config says
-    want = np.mean([(torch.sigmoid(o["logits"]) + torch.sigmoid(o["lesion_logits"]).max(1).values).numpy() / 2
-                    for o in views], axis=0)
-    for predictor in (Predictor(path), Predictor(export_onnx(path, tmp_path / "m.onnx"))):
-        assert predictor.decision == "covid_lesion_mean"
-        np.testing.assert_allclose(predictor.predict_tensor(x)["probability"], want, atol=1e-4)

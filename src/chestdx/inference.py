@@ -11,7 +11,7 @@ from chestdx.data.io import read_image
 from chestdx.data.transforms import build_pipeline
 from chestdx.errors import InputError
 from chestdx.models.bundle import load_bundle
-from chestdx.train.module import decision_probabilities
+from chestdx.train.module import class_probabilities
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""}
 
@@ -32,7 +32,6 @@ class Predictor:
         self.load_steps, self.sample_steps = build_pipeline(self.bundle["preprocess"], train=False)
         self.threshold = float(self.bundle.get("threshold", 0.5))
         self.tta = bool(self.bundle.get("tta", False))
-        self.decision = self.bundle.get("decision", "covid")  # bundles from before the option: the class head
 
     def prepare(self, gray: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
         """(the image on the model's grid in [0, 1], for overlays; the model input (1, 1, H, W))."""
@@ -45,13 +44,12 @@ class Predictor:
     @torch.no_grad()
     def predict_tensor(self, x: torch.Tensor) -> dict:
         """x: (B, 1, H, W), preprocessed. Returns numpy probabilities: `probability` (B,) of the positive
-        class for a binary model (read as the bundle's `decision` says), (B, K) over the classes
-        otherwise; `lesions` (B, 5) for LA-DNN."""
+        class for a binary model, (B, K) over the classes otherwise; `lesions` (B, 5) for LA-DNN."""
         views = [x, x.flip(-1)] if self.tta else [x]
         covid, lesions = [], []
         for view in views:
             out = self.model(view)
-            covid.append(decision_probabilities(out, self.decision))
+            covid.append(class_probabilities(out["logits"]))
             if "lesion_logits" in out:
                 lesions.append(torch.sigmoid(out["lesion_logits"]))
         result = {"probability": torch.stack(covid).mean(0).numpy()}

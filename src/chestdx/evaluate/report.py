@@ -8,9 +8,6 @@ from pathlib import Path
 from chestdx.utils import write_text_atomic
 
 ROWS = ("sensitivity", "specificity", "auc", "f1", "accuracy")
-DECISION_NOTES = {"covid_lesion_mean": ["Diagnosis read from both heads: (P(COVID) + the largest lesion probability) / 2 "
-                                        "(`evaluate.decision: covid_lesion_mean`; the paper uses the COVID head alone).",
-                                        ""]}
 
 
 def _fmt(metrics: dict, key: str) -> str:
@@ -31,7 +28,6 @@ def report_markdown(metrics: dict, config: dict) -> str:
         f"Test split: {metrics['n_test']} images of {metrics['n_test_patients']} patients. "
         f"Model selected on validation AUC only; test set reported once. 95% CIs by bootstrap over patients.",
         "",
-        *DECISION_NOTES.get(metrics.get("decision", "covid"), []),
         "| metric (%) | ours, threshold 0.5 | ours, validation threshold "
         f"{metrics['threshold_from_validation']:.3f} | paper |",
         "| --- | --- | --- | --- |",

@@ -77,7 +77,6 @@ def evaluate_bundle(bundle_path, out_dir, dataset: str | None = None, n_boot: in
         "dataset": info.name, "data_fingerprint": bundle.get("data_fingerprint"),
         "n_test": int(len(test["y"])), "n_test_patients": int(len(set(test["patients"]))),
         "threshold_from_validation": threshold,
-        "decision": predictor.decision,
         "validation": evaluate_binary(val["y"], val["prob"], val["patients"], threshold, n_boot=200)["at_0.5"],
         "test": evaluate_binary(test["y"], test["prob"], test["patients"], threshold, n_boot=n_boot),
     }

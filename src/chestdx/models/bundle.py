@@ -37,7 +37,6 @@ def make_bundle(model: torch.nn.Module, config: dict, **metadata) -> dict:
         "modality": entry.modality,
         "preprocess": {**grey_normalisation(m["backbone"]), **config["preprocess"]},
         "tta": bool(config.get("evaluate", {}).get("tta", False)),
-        "decision": config.get("evaluate", {}).get("decision", "covid"),
         "config": config,
         "threshold": 0.5,
         "ensemble": len(model.members) if isinstance(model, Ensemble) else 0,

@@ -9,9 +9,6 @@ head (`lesion_weight = 0`, `n_lesions = 0`).
 Two departures from the official code, on purpose: lesion labels that are unknown (every
 COVID-negative image, and positives without a report) are masked out of L_A instead of being
 read as 0, and AUC is computed from probabilities, not thresholded predictions.
-
-One addition, an option (`evaluate.decision: covid_lesion_mean`): the paper reads the diagnosis
-from the primary head alone; `lesion_fused_probability` also lets the lesion head vote.
 """
 
 from __future__ import annotations
@@ -58,17 +55,6 @@ def negatives_lesion_free(covid: torch.Tensor, lesions: torch.Tensor, known: tor
     COVID lesions apart."""
     negative = (covid == 0)[:, None]
     return lesions.masked_fill(negative, 0), known.masked_fill(negative, 1)
-
-
-def lesion_fused_probability(p_covid: torch.Tensor, lesion_probs: torch.Tensor) -> torch.Tensor:
-    """(P(COVID) + max_k P(lesion k)) / 2: the diagnosis read from both heads.
-
-    Not in the paper. With negatives taught as lesion-free, the lesion head is a second COVID
-    detector trained on finer labels ("which findings are visible"), and its most confident
-    lesion ranks images about as well as the COVID head does. Averaging the two raised
-    validation AUC for every such covid-ct model we had (ensemble 0.909 -> 0.918; members
-    0.914 -> 0.928 and 0.880 -> 0.885; a 3-member ensemble 0.892 -> 0.896)."""
-    return (p_covid + lesion_probs.max(dim=-1).values) / 2
 
 
 def ladnn_loss(out: dict, covid: torch.Tensor, lesions: torch.Tensor | None = None,

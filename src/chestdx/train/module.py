@@ -18,8 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from chestdx.models import create_model, get_entry, ladnn_loss
 from chestdx.models.bundle import model_kwargs
-from chestdx.errors import ChestDxError
-from chestdx.models.ladnn import lesion_fused_probability, negatives_lesion_free
+from chestdx.models.ladnn import negatives_lesion_free
 from chestdx.models.magsd import soft_distance_loss
 from chestdx.models.magsd_augment import AUGMENTATIONS, augment
 
@@ -30,22 +29,6 @@ MAGSD_DEFAULTS = {"augmentations": list(AUGMENTATIONS), "regularization": "soft"
 def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """Sigmoid of a single logit per image (binary models), softmax otherwise."""
     return torch.sigmoid(logits) if logits.ndim == 1 else torch.softmax(logits, dim=1)
-
-
-DECISIONS = ("covid", "covid_lesion_mean")
-
-
-def decision_probabilities(out: dict, decision: str = "covid") -> torch.Tensor:
-    """The probabilities a model's diagnosis is read from: its class head (`covid`, every model), or
-    for LA-DNN the class head averaged with the most probable lesion (`covid_lesion_mean`)."""
-    p = class_probabilities(out["logits"])
-    if decision == "covid":
-        return p
-    if decision not in DECISIONS:
-        raise ChestDxError(f"evaluate.decision must be one of {', '.join(DECISIONS)}, not {decision!r}")
-    if "lesion_logits" not in out or p.ndim != 1:
-        raise ChestDxError(f"evaluate.decision={decision} needs a binary model with a lesion head (LA-DNN)")
-    return lesion_fused_probability(p, torch.sigmoid(out["lesion_logits"]))
 
 
 def macro_auc(targets: np.ndarray, probs: np.ndarray) -> float:
@@ -126,8 +109,8 @@ class ClassifierModule(L.LightningModule):
         return {"loss": out["loss"], "loss_ce": out["loss_ce"], "loss_reg": out["loss_reg"], "trusted": out["trusted"]}
 
     def validation_step(self, batch, _):
-        p = decision_probabilities(self.model(batch["image"]), self.config["evaluate"].get("decision", "covid"))
-        self._val.append((p.float().cpu(), batch["target"].cpu()))
+        out = self.model(batch["image"])
+        self._val.append((class_probabilities(out["logits"]).float().cpu(), batch["target"].cpu()))
 
     def on_validation_epoch_end(self):
         if not self._val:

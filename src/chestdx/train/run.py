@@ -26,7 +26,7 @@ from chestdx.evaluate.metrics import youden_threshold
 from chestdx.models.backbones import grey_normalisation
 from chestdx.models.bundle import load_bundle, make_bundle, save_bundle
 from chestdx.models.ensemble import Ensemble
-from chestdx.train.module import ClassifierModule, decision_probabilities, macro_auc, predicted_class
+from chestdx.train.module import ClassifierModule, class_probabilities, macro_auc, predicted_class
 from chestdx.utils import write_json_atomic
 
 
@@ -85,7 +85,7 @@ def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None)
     state = torch.load(best_path, map_location="cpu", weights_only=False)
     module.load_state_dict(state["state_dict"])
     module.eval()
-    val_metrics = _validation_summary(module, val_loader, cfg)
+    val_metrics = _validation_summary(module, val_loader)
     bundle = make_bundle(module.model, cfg, data_fingerprint=data["fingerprint"],
                          validation=val_metrics, best_epoch=_best_epoch(state), seconds_per_epoch=seconds / epochs_run)
     return _write_bundle(bundle, val_metrics, run_dir)
@@ -109,7 +109,7 @@ def _fit_ensemble(cfg: dict, run_dir: Path, progress: bool) -> Path:
     data = data or build_datasets(copy.deepcopy(cfg), progress)
     ensemble = Ensemble(members).eval()
     val_loader = DataLoader(data["val"], batch_size=64, shuffle=False, num_workers=t["num_workers"])
-    val_metrics = _validation_summary(ensemble, val_loader, cfg)
+    val_metrics = _validation_summary(ensemble, val_loader)
     bundle = make_bundle(ensemble, cfg, data_fingerprint=data["fingerprint"], validation=val_metrics,
                          best_epoch=[s.get("best_epoch") for s in summaries],
                          seconds_per_epoch=float(np.mean([s["seconds_per_epoch"] for s in summaries])),
@@ -131,14 +131,12 @@ def _best_epoch(state) -> int | None:
 
 
 @torch.no_grad()
-def _validation_summary(module, loader, cfg: dict) -> dict:
-    """Validation AUC and accuracy of the decision probabilities with flip TTA (as evaluation runs);
-    Youden threshold for binary models."""
-    decision = cfg["evaluate"].get("decision", "covid")
+def _validation_summary(module, loader) -> dict:
+    """Validation AUC and accuracy with flip TTA (as evaluation runs); Youden threshold for binary models."""
     probs, targets = [], []
     for batch in loader:
         x = batch["image"]
-        probs.append((decision_probabilities(module(x), decision) + decision_probabilities(module(x.flip(-1)), decision)) / 2)
+        probs.append((class_probabilities(module(x)["logits"]) + class_probabilities(module(x.flip(-1))["logits"])) / 2)
         targets.append(batch["target"])
     p, y = torch.cat(probs).numpy(), torch.cat(targets).numpy()
     summary = {"auc": macro_auc(y, p), "accuracy": float((predicted_class(p) == y).mean())}
