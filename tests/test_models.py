@@ -91,3 +91,28 @@ def test_bundle_round_trip(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(ChestDxError, match="not a readable chestdx model"):
         load_bundle(tmp_path / "junk.pt")
+
+
+def test_freeze_stages_trains_only_later_layers():
+    from chestdx.models.backbones import frozen_modules
+    from chestdx.train.module import ClassifierModule
+
+    cfg = load_config(None, ["model.pretrained=none", "train.freeze_stages=2"])
+    module = ClassifierModule(cfg).train()
+    backbone = module.model.backbone
+    assert frozen_modules(backbone, 2) == ["conv_stem", "bn1", "blocks.0", "blocks.1"]
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.1)
+    out = module(torch.randn(4, 1, 64, 64))
+    F = torch.nn.functional
+    F.binary_cross_entropy_with_logits(out["logits"], torch.tensor([0.0, 1, 0, 1])).backward()
+    opt.step()
+    after = module.model.state_dict()
+    for name in ("backbone.conv_stem.weight", "backbone.blocks.1.0.conv_pw.weight", "backbone.bn1.weight"):
+        torch.testing.assert_close(after[name], before[name])  # frozen: not trained
+    for name in ("backbone.blocks.2.0.conv_pw.weight", "covid_head.weight"):
+        assert not torch.equal(after[name], before[name])  # later layers and the head train
+    # frozen batch norms still adapt their running statistics to the new images
+    assert not torch.equal(after["backbone.bn1.running_mean"], before["backbone.bn1.running_mean"])
+    with pytest.raises(ChestDxError, match="cannot freeze 9 stages"):
+        frozen_modules(backbone, 9)

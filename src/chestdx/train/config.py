@@ -20,7 +20,7 @@ DEFAULTS = {
     "train": {"epochs": 20, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-2, "warmup_epochs": 1,
               "lesion_weight": 1.0, "label_smoothing": 0.0, "seed": 0, "patience": 10, "num_workers": 0,
               "limit_per_split": 0, "channels_last": True, "ensemble": 1,
-              "negatives_lesion_free": False},
+              "negatives_lesion_free": False, "freeze_stages": 0},
     "evaluate": {"tta": True, "bootstrap": 1000},
 }
 

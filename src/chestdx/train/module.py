@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
+from chestdx.errors import ChestDxError
 from chestdx.models import create_model, get_entry, ladnn_loss
+from chestdx.models.backbones import freeze_stages
 from chestdx.models.bundle import model_kwargs
 from chestdx.models.ladnn import negatives_lesion_free
 from chestdx.models.magsd import soft_distance_loss
@@ -53,6 +55,12 @@ class ClassifierModule(L.LightningModule):
         m = config["model"]
         self.classes = get_entry(m["name"]).classes
         self.model = create_model(m["name"], pretrained=m.get("pretrained"), **model_kwargs(m))
+        stages = int(config["train"].get("freeze_stages") or 0)
+        if stages:
+            backbone = getattr(self.model, "backbone", None)
+            if backbone is None:
+                raise ChestDxError(f"train.freeze_stages: model {m['name']!r} has no timm backbone to freeze")
+            freeze_stages(backbone, stages)
         if config["train"].get("channels_last", True):  # oneDNN convolutions run ~2x faster on CPU in NHWC
             self.model = self.model.to(memory_format=torch.channels_last)
         self.magsd = {**MAGSD_DEFAULTS, **config.get("magsd", {})} if m["name"] == "magsd" else None
