@@ -67,12 +67,12 @@ def frozen_modules(backbone: nn.Module, stages: int) -> list[str]:
         return []
     if info is None or stages > len(info):
         raise ChestDxError(f"cannot freeze {stages} stages of {type(backbone).__name__}: it has {len(info or [])}")
-    *parents, last = info[stages - 1]["module"].split(".")
+    path = info[stages - 1]["module"].split(".")
     names, module, prefix = [], backbone, ""
-    for part in [*parents, last]:
+    for depth, part in enumerate(path):
         children = [n for n, _ in module.named_children()]
-        upto = children[:children.index(part) + (part == last)]  # the stage's parents stay partly trainable
-        names += [prefix + n for n in upto]
+        is_stage = depth == len(path) - 1  # the stage's parents stay partly trainable
+        names += [prefix + n for n in children[:children.index(part) + is_stage]]
         module, prefix = getattr(module, part), f"{prefix}{part}."
     return names
 
