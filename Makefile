@@ -13,10 +13,6 @@ DEMO_SERVE ?= 1
 PORT ?= 8000
 CHESTDX_HOME ?= $(HOME)/.chestdx
 export CHESTDX_HOME
-# Keep large freed blocks on glibc's heap: CPU training then stops page-faulting its activations
-# in every step (an epoch 101 s -> 71 s here; benchmarks/reproduce_ladnn.py sets the same).
-export MALLOC_MMAP_THRESHOLD_ ?= 4294967296
-export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 
 .PHONY: setup demo test bench clean
 

@@ -68,20 +68,7 @@ def side_by_side(jobs: dict) -> dict:
         return {name: future.result() for name, future in futures.items()}
 
 
-# glibc hands large freed blocks (activations of tens of MB) back to the system at once, so each
-# training step page-faults them in anew (a third of the CPU time went to the kernel). Kept on the
-# heap, an epoch took 71 s instead of 101 s here, with bit-identical weights. glibc reads these at
-# start-up, hence the re-exec; the spawned workers inherit them.
-MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
-
-
-def with_malloc_settings() -> None:
-    if sys.platform.startswith("linux") and any(k not in os.environ for k in MALLOC_SETTINGS):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**MALLOC_SETTINGS, **os.environ})
-
-
 def main() -> None:
-    with_malloc_settings()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--jpeg-check", action="store_true")

@@ -26,6 +26,7 @@ from chestdx.evaluate.metrics import youden_threshold
 from chestdx.models.backbones import grey_normalisation
 from chestdx.models.bundle import load_bundle, make_bundle, save_bundle
 from chestdx.models.ensemble import Ensemble
+from chestdx.train.memory import keep_freed_memory
 from chestdx.train.module import ClassifierModule, class_probabilities, macro_auc, predicted_class
 from chestdx.utils import write_json_atomic
 
@@ -57,6 +58,7 @@ def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None)
     `<run_dir>/member_<k>` and bundles them as one seed ensemble (models/ensemble.py)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    keep_freed_memory()
     if int(cfg["train"].get("ensemble") or 1) > 1:
         return _fit_ensemble(cfg, run_dir, progress)
     t = cfg["train"]
