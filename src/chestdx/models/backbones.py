@@ -14,6 +14,7 @@ from timm.models import adapt_input_conv
 from timm.utils.model import freeze
 from torch import nn
 
+from chestdx.errors import ChestDxError
 from chestdx.models.weights import load_state_dict_file, match_by_order, resolve_weights
 
 
@@ -46,8 +47,6 @@ def backbone_names() -> list[str]:
 
 def create_backbone(name: str, in_chans: int = 1, pretrained=None, num_classes: int = 0, **kwargs) -> nn.Module:
     """A timm model without its classifier (num_classes=0 gives pooled features)."""
-    from chestdx.errors import ChestDxError
-
     if name not in BACKBONES:
         raise ChestDxError(f"unknown backbone {name!r}; choose one of {', '.join(backbone_names())}")
     spec = BACKBONES[name]
@@ -60,8 +59,6 @@ def create_backbone(name: str, in_chans: int = 1, pretrained=None, num_classes: 
 
 def frozen_modules(backbone: nn.Module, stages: int) -> list[str]:
     """Names of the stem and the first `stages` feature stages (timm's `feature_info`), in order."""
-    from chestdx.errors import ChestDxError
-
     info = getattr(backbone, "feature_info", None)
     if stages <= 0:
         return []
@@ -104,8 +101,6 @@ def load_pretrained(model: nn.Module, path, in_chans: int) -> None:
     missing, unexpected = model.load_state_dict(source, strict=False)
     missing = [k for k in missing if not k.startswith(classifier + ".")]
     if missing or unexpected:
-        from chestdx.errors import ChestDxError
-
         raise ChestDxError(f"{path}: weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
