@@ -93,6 +93,26 @@ def test_bundle_round_trip(tmp_path):
         load_bundle(tmp_path / "junk.pt")
 
 
+def test_predictor_averages_the_configured_test_views(tmp_path):
+    from chestdx.data.transforms import tta_views
+    from chestdx.inference import Predictor
+    from chestdx.train.module import class_probabilities
+
+    cfg = load_config(None, ["model.backbone=resnet18", "model.pretrained=none", "evaluate.tta_scales=[1.0,0.8]"])
+    torch.manual_seed(0)
+    model = create_model("ladnn", backbone="resnet18").eval()
+    predictor = Predictor(save_bundle(make_bundle(model, cfg), tmp_path / "m.pt"))
+    assert predictor.tta and predictor.tta_scales == [1.0, 0.8]
+    x = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        views = tta_views(x, True, [1.0, 0.8])
+        expected = torch.stack([class_probabilities(model(v)["logits"]) for v in views]).mean(0)
+        mirror_only = torch.stack([class_probabilities(model(v)["logits"]) for v in views[:2]]).mean(0)
+    got = predictor.predict_tensor(x)["probability"]
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-6)
+    assert not np.allclose(got, mirror_only.numpy(), atol=1e-6)  # the 0.8 views count
+
+
 def test_freeze_stages_trains_only_later_layers():
     from chestdx.models.backbones import frozen_modules
     from chestdx.train.module import ClassifierModule

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from chestdx.data.transforms import (CLAHE, Compose, Normalize, RandomAffine, RandomHorizontalFlip, RandomJPEG,
-                                     Resize, ZScore, build_pipeline)
+                                     Resize, ZScore, build_pipeline, tta_views)
 
 
 def square_image(h=60, w=120):
@@ -63,6 +63,36 @@ def test_affine_scale_and_shear_within_range_and_seeded():
     assert 0.8**2 * 0.9 < area < 1.2**2 * 1.1  # area scales with s^2 (shear keeps it close)
     ys, xs = np.nonzero(a > 0.5)
     assert abs(ys.mean() - 50) < 2 and abs(xs.mean() - 50) < 2  # transformed about the centre
+
+
+def test_affine_probability_from_the_config():
+    img = np.zeros((64, 64), np.float32)
+    img[10:30, 20:50] = 1.0
+    _, never = build_pipeline({"size": 64, "mean": 0.0, "std": 1.0}, train=True, aug={"affine": 0.0, "hflip": 0.0})
+    np.testing.assert_array_equal(never(img, np.random.default_rng(3)), img)  # 0: no affine step at all
+    _, half = build_pipeline({"size": 64, "mean": 0.0, "std": 1.0}, train=True, aug={"affine": 0.5, "hflip": 0.0})
+    untouched = [np.array_equal(half(img, np.random.default_rng(seed)), img) for seed in range(200)]
+    assert 0.35 < np.mean(untouched) < 0.65  # about half the images pass through unresampled
+    _, always = build_pipeline({"size": 64, "mean": 0.0, "std": 1.0}, train=True, aug={"affine": True, "hflip": 0.0})
+    assert not any(np.array_equal(always(img, np.random.default_rng(seed)), img) for seed in range(20))
+
+
+def test_tta_views_scale_about_the_centre_and_mirror():
+    import torch
+
+    img = torch.zeros(1, 1, 64, 64)
+    img[..., 16:48, 8:40] = 1.0  # a 32 x 32 square, off-centre to the left
+    views = tta_views(img, hflip=True, scales=[1.0, 0.5])
+    assert len(views) == 4
+    torch.testing.assert_close(views[0], img)  # scale 1 is the image itself, not resampled
+    torch.testing.assert_close(views[1], img.flip(-1))
+    half = views[2][0, 0] > 0.5
+    assert abs(int(half.sum()) - 16 * 16) <= 16 * 4  # side halved: a quarter of the area
+    ys, xs = torch.nonzero(half, as_tuple=True)
+    # shrunk towards the centre (31.5): the square's centre (31.5, 23.5) moves to (31.5, 27.5)
+    assert abs(ys.float().mean().item() - 31.5) < 1 and abs(xs.float().mean().item() - 27.5) < 1
+    torch.testing.assert_close(views[3], views[2].flip(-1))
+    assert len(tta_views(img, hflip=False, scales=[1.0])) == 1
 
 
 def test_jpeg_recompression_adds_blocking_but_keeps_content():

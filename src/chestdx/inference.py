@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from chestdx.data.io import read_image
-from chestdx.data.transforms import build_pipeline
+from chestdx.data.transforms import build_pipeline, tta_views
 from chestdx.errors import InputError
 from chestdx.models.bundle import load_bundle
 from chestdx.train.module import class_probabilities
@@ -32,6 +32,7 @@ class Predictor:
         self.load_steps, self.sample_steps = build_pipeline(self.bundle["preprocess"], train=False)
         self.threshold = float(self.bundle.get("threshold", 0.5))
         self.tta = bool(self.bundle.get("tta", False))
+        self.tta_scales = [float(s) for s in self.bundle.get("tta_scales", [1.0])]
 
     def prepare(self, gray: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
         """(the image on the model's grid in [0, 1], for overlays; the model input (1, 1, H, W))."""
@@ -45,9 +46,8 @@ class Predictor:
     def predict_tensor(self, x: torch.Tensor) -> dict:
         """x: (B, 1, H, W), preprocessed. Returns numpy probabilities: `probability` (B,) of the positive
         class for a binary model, (B, K) over the classes otherwise; `lesions` (B, 5) for LA-DNN."""
-        views = [x, x.flip(-1)] if self.tta else [x]
         covid, lesions = [], []
-        for view in views:
+        for view in tta_views(x, self.tta, self.tta_scales):
             out = self.model(view)
             covid.append(class_probabilities(out["logits"]))
             if "lesion_logits" in out:

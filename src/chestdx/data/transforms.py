@@ -148,8 +148,8 @@ def build_pipeline(pre: dict, train: bool, aug: dict | None = None) -> tuple[Com
     if train:
         if aug.get("jpeg"):
             sample.append(RandomJPEG(p=float(aug["jpeg"])))
-        if aug.get("affine", True):
-            sample.append(RandomAffine(aug.get("shear", 0.2), aug.get("scale", (0.8, 1.2))))
+        if aug.get("affine", True):  # true = every image, a number = that probability
+            sample.append(RandomAffine(aug.get("shear", 0.2), aug.get("scale", (0.8, 1.2)), p=float(aug["affine"] if "affine" in aug else 1.0)))
         if aug.get("hflip", 0.5):
             sample.append(RandomHorizontalFlip(aug.get("hflip", 0.5)))
         if aug.get("brightness_contrast"):
@@ -161,10 +161,26 @@ def build_pipeline(pre: dict, train: bool, aug: dict | None = None) -> tuple[Com
     return Compose(load), Compose(sample)
 
 
-def hflip_tta(x):
-    """Test-time augmentation views: the image and its mirror (lungs are left-right symmetric)."""
-    return [x, x.flip(-1)]
+def tta_views(x, hflip: bool = True, scales=(1.0,)) -> list:
+    """Test-time views of a batch x (B, C, H, W): the content shrunk (scale < 1) or enlarged about the
+    centre for each scale, edges replicated, and each view's mirror when `hflip`.
+
+    Why scales: RandomAffine resamples every training image bilinearly, so a model never sees an
+    image that was not interpolated; a rescaled view is resampled the same way (README, LA-DNN).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    views = []
+    for s in scales:
+        v = x
+        if float(s) != 1.0:
+            theta = torch.tensor([[1 / s, 0, 0], [0, 1 / s, 0]], dtype=x.dtype).expand(x.shape[0], 2, 3)
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            v = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        views += [v, v.flip(-1)] if hflip else [v]
+    return views
 
 
 __all__ = ["CLAHE", "Compose", "Normalize", "RandomAffine", "RandomBrightnessContrast", "RandomHorizontalFlip",
-           "RandomJPEG", "Resize", "ZScore", "build_pipeline", "hflip_tta"]
+           "RandomJPEG", "Resize", "ZScore", "build_pipeline", "tta_views"]

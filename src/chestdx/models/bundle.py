@@ -37,6 +37,7 @@ def make_bundle(model: torch.nn.Module, config: dict, **metadata) -> dict:
         "modality": entry.modality,
         "preprocess": {**grey_normalisation(m["backbone"]), **config["preprocess"]},
         "tta": bool(config.get("evaluate", {}).get("tta", False)),
+        "tta_scales": [float(s) for s in config.get("evaluate", {}).get("tta_scales", [1.0])],
         "config": config,
         "threshold": 0.5,
         "ensemble": len(model.members) if isinstance(model, Ensemble) else 0,

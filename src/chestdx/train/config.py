@@ -21,7 +21,7 @@ DEFAULTS = {
               "lesion_weight": 1.0, "label_smoothing": 0.0, "seed": 0, "patience": 10, "num_workers": 0,
               "limit_per_split": 0, "channels_last": True, "ensemble": 1,
               "negatives_lesion_free": False, "freeze_stages": 0},
-    "evaluate": {"tta": True, "bootstrap": 1000},
+    "evaluate": {"tta": True, "tta_scales": [1.0], "bootstrap": 1000},
 }
 
 

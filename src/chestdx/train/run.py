@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from chestdx.data.dataset import ManifestDataset
 from chestdx.data.datasets import get_dataset
-from chestdx.data.transforms import build_pipeline
+from chestdx.data.transforms import build_pipeline, tta_views
 from chestdx.evaluate.metrics import youden_threshold
 from chestdx.models.backbones import grey_normalisation
 from chestdx.models.bundle import load_bundle, make_bundle, save_bundle
@@ -87,7 +87,7 @@ def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None)
     state = torch.load(best_path, map_location="cpu", weights_only=False)
     module.load_state_dict(state["state_dict"])
     module.eval()
-    val_metrics = _validation_summary(module, val_loader)
+    val_metrics = _validation_summary(module, val_loader, cfg.get("evaluate", {}))
     bundle = make_bundle(module.model, cfg, data_fingerprint=data["fingerprint"],
                          validation=val_metrics, best_epoch=_best_epoch(state), seconds_per_epoch=seconds / epochs_run)
     return _write_bundle(bundle, val_metrics, run_dir)
@@ -111,7 +111,7 @@ def _fit_ensemble(cfg: dict, run_dir: Path, progress: bool) -> Path:
     data = data or build_datasets(copy.deepcopy(cfg), progress)
     ensemble = Ensemble(members).eval()
     val_loader = DataLoader(data["val"], batch_size=64, shuffle=False, num_workers=t["num_workers"])
-    val_metrics = _validation_summary(ensemble, val_loader)
+    val_metrics = _validation_summary(ensemble, val_loader, cfg.get("evaluate", {}))
     bundle = make_bundle(ensemble, cfg, data_fingerprint=data["fingerprint"], validation=val_metrics,
                          best_epoch=[s.get("best_epoch") for s in summaries],
                          seconds_per_epoch=float(np.mean([s["seconds_per_epoch"] for s in summaries])),
@@ -133,12 +133,12 @@ def _best_epoch(state) -> int | None:
 
 
 @torch.no_grad()
-def _validation_summary(module, loader) -> dict:
-    """Validation AUC and accuracy with flip TTA (as evaluation runs); Youden threshold for binary models."""
+def _validation_summary(module, loader, evaluate: dict) -> dict:
+    """Validation AUC and accuracy with the test-time views evaluation uses; Youden threshold for binary models."""
     probs, targets = [], []
     for batch in loader:
-        x = batch["image"]
-        probs.append((class_probabilities(module(x)["logits"]) + class_probabilities(module(x.flip(-1))["logits"])) / 2)
+        views = tta_views(batch["image"], bool(evaluate.get("tta", True)), evaluate.get("tta_scales", [1.0]))
+        probs.append(torch.stack([class_probabilities(module(v)["logits"]) for v in views]).mean(0))
         targets.append(batch["target"])
     p, y = torch.cat(probs).numpy(), torch.cat(targets).numpy()
     summary = {"auc": macro_auc(y, p), "accuracy": float((predicted_class(p) == y).mean())}
