@@ -19,8 +19,8 @@ from chestdx.errors import ChestDxError
 from chestdx.models.bundle import load_bundle
 from chestdx.utils import atomic_path, write_json_atomic
 
-METADATA_KEYS = ("registry_name", "model_kwargs", "classes", "lesions", "modality", "preprocess", "tta", "tta_scales", "threshold",
-                 "validation", "data_fingerprint", "best_epoch")
+METADATA_KEYS = ("registry_name", "model_kwargs", "classes", "lesions", "modality", "preprocess", "tta", "tta_scales",
+                 "threshold", "validation", "data_fingerprint", "best_epoch")
 ONNX_FORMAT = "chestdx-onnx-v1"
 
 

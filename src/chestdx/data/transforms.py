@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 
 class Compose:
@@ -148,8 +150,9 @@ def build_pipeline(pre: dict, train: bool, aug: dict | None = None) -> tuple[Com
     if train:
         if aug.get("jpeg"):
             sample.append(RandomJPEG(p=float(aug["jpeg"])))
-        if aug.get("affine", True):  # true = every image, a number = that probability
-            sample.append(RandomAffine(aug.get("shear", 0.2), aug.get("scale", (0.8, 1.2)), p=float(aug["affine"] if "affine" in aug else 1.0)))
+        affine = aug.get("affine", True)  # true = every image, a number = that probability
+        if affine:
+            sample.append(RandomAffine(aug.get("shear", 0.2), aug.get("scale", (0.8, 1.2)), p=float(affine)))
         if aug.get("hflip", 0.5):
             sample.append(RandomHorizontalFlip(aug.get("hflip", 0.5)))
         if aug.get("brightness_contrast"):
@@ -169,9 +172,6 @@ def tta_views(x, hflip: bool = True, scales=(1.0,)) -> list:
     covid-ct the 0.9 views raised validation AUC but not test AUC (README, "Tried"), so the
     configs keep scales [1.0].
     """
-    import torch
-    import torch.nn.functional as F
-
     views = []
     for s in scales:
         v = x
