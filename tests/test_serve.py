@@ -139,6 +139,7 @@ def test_onnx_export_matches_pytorch_on_real_images(tiny_models_dir, covid_ct_di
     onnx_path = export_onnx(tiny_models_dir / "ladnn-tiny.pt", tmp_path / "m.onnx")
     torch_p, onnx_p = Predictor(tiny_models_dir / "ladnn-tiny.pt"), Predictor(onnx_path)
     assert onnx_p.backend == "onnxruntime" and onnx_p.bundle["classes"] == ["noncovid", "covid"]
+    assert onnx_p.bundle["tta_scales"] == torch_p.bundle["tta_scales"] == [1.0] and onnx_p.tta  # views travel along
     import torch
 
     from chestdx.data.io import read_image
