@@ -65,6 +65,23 @@ def test_affine_scale_and_shear_within_range_and_seeded():
     assert abs(ys.mean() - 50) < 2 and abs(xs.mean() - 50) < 2  # transformed about the centre
 
 
+def test_affine_translate_shifts_and_zero_replays_the_paper_stream():
+    img = np.zeros((101, 101), np.float32)
+    img[40:61, 40:61] = 1.0
+    plain = RandomAffine(shear=0.0, scale=(1.0, 1.0))
+    # translate 0 draws nothing extra: the same seed gives the same image as before the option existed
+    np.testing.assert_array_equal(plain(img, np.random.default_rng(7)),
+                                  RandomAffine(shear=0.0, scale=(1.0, 1.0), translate=0.0)(img, np.random.default_rng(7)))
+    shifts = []
+    for seed in range(30):
+        out = RandomAffine(shear=0.0, scale=(1.0, 1.0), translate=0.2)(img, np.random.default_rng(seed))
+        ys, xs = np.nonzero(out > 0.5)
+        assert abs((out > 0.5).sum() - 21 * 21) <= 2 * 21 + 1  # a pure shift keeps the area
+        shifts.append((ys.mean() - 50, xs.mean() - 50))
+    shifts = np.abs(np.array(shifts))
+    assert shifts.max() <= 0.2 * 101 + 1  # within +-20% of the side
+    assert shifts.max() > 0.1 * 101 and np.median(shifts) > 2  # and really moved
+
 def test_affine_probability_from_the_config():
     img = np.zeros((64, 64), np.float32)
     img[10:30, 20:50] = 1.0

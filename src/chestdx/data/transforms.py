@@ -82,10 +82,14 @@ class Normalize:
 
 
 class RandomAffine:
-    """LA-DNN augmentation: random shear (up to +-`shear`) and scale in `scale`, about the centre."""
+    """LA-DNN augmentation: random shear (up to +-`shear`) and scale in `scale`, about the centre.
 
-    def __init__(self, shear: float = 0.2, scale=(0.8, 1.2), p: float = 1.0):
-        self.shear, self.scale, self.p = shear, tuple(scale), p
+    `translate` (a fraction of the side, 0 = the paper's) also shifts the result, so that scales
+    above 1 act as random crops.
+    """
+
+    def __init__(self, shear: float = 0.2, scale=(0.8, 1.2), p: float = 1.0, translate: float = 0.0):
+        self.shear, self.scale, self.p, self.translate = shear, tuple(scale), p, float(translate)
 
     def __call__(self, image, rng):
         if rng.random() >= self.p:
@@ -96,6 +100,8 @@ class RandomAffine:
         linear = np.array([[1.0, shx], [shy, 1.0]]) * s
         centre = np.array([w / 2, h / 2])
         offset = centre - linear @ centre
+        if self.translate:  # drawn only when asked, so the paper's setting replays the same stream
+            offset = offset + rng.uniform(-self.translate, self.translate, size=2) * np.array([w, h])
         matrix = np.hstack([linear, offset[:, None]]).astype(np.float32)
         fill = float(np.median(image[0]))
         return cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
@@ -152,7 +158,8 @@ def build_pipeline(pre: dict, train: bool, aug: dict | None = None) -> tuple[Com
             sample.append(RandomJPEG(p=float(aug["jpeg"])))
         affine = aug.get("affine", True)  # true = every image, a number = that probability
         if affine:
-            sample.append(RandomAffine(aug.get("shear", 0.2), aug.get("scale", (0.8, 1.2)), p=float(affine)))
+            sample.append(RandomAffine(aug.get("shear", 0.2), aug.get("scale", (0.8, 1.2)), p=float(affine),
+                                       translate=aug.get("translate", 0.0)))
         if aug.get("hflip", 0.5):
             sample.append(RandomHorizontalFlip(aug.get("hflip", 0.5)))
         if aug.get("brightness_contrast"):

@@ -16,7 +16,7 @@ DEFAULTS = {
               "drop_path": 0.0},
     "preprocess": {"size": 224, "resize": "pad", "channels": 1, "clahe": False, "zscore": False},
     "augment": {"affine": True, "shear": 0.2, "scale": [0.8, 1.2], "hflip": 0.5, "jpeg": 0.0,
-                "brightness_contrast": 0.0},
+                "brightness_contrast": 0.0, "translate": 0.0},
     "train": {"epochs": 20, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-2, "warmup_epochs": 1,
               "lesion_weight": 1.0, "label_smoothing": 0.0, "seed": 0, "patience": 10, "num_workers": 0,
               "limit_per_split": 0, "channels_last": True, "ensemble": 1,

@@ -134,10 +134,11 @@ def _best_epoch(state) -> int | None:
 
 @torch.no_grad()
 def _validation_summary(module, loader, evaluate: dict) -> dict:
-    """Validation AUC and accuracy with the test-time views evaluation uses; Youden threshold for binary models."""
+    """Validation AUC and accuracy with the test-time views the bundle records (none unless the config asks);
+    Youden threshold for binary models."""
     probs, targets = [], []
     for batch in loader:
-        views = tta_views(batch["image"], bool(evaluate.get("tta", True)), evaluate.get("tta_scales", [1.0]))
+        views = tta_views(batch["image"], bool(evaluate.get("tta", False)), evaluate.get("tta_scales", [1.0]))
         probs.append(torch.stack([class_probabilities(module(v)["logits"]) for v in views]).mean(0))
         targets.append(batch["target"])
     p, y = torch.cat(probs).numpy(), torch.cat(targets).numpy()
