@@ -17,10 +17,10 @@ def lite0_rgb():
     return create_backbone("efficientnet_lite0", in_chans=3, pretrained="imagenet", num_classes=1000).eval()
 
 
-def _photo(name):
+def _photo(name, size=224):
     from skimage import data
 
-    img = cv2.resize(getattr(data, name)(), (224, 224), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+    img = cv2.resize(getattr(data, name)(), (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
     return torch.from_numpy((img - 0.5) / 0.5).permute(2, 0, 1)[None]
 
 
@@ -31,6 +31,17 @@ def test_packaged_imagenet_weights_classify_natural_photos(lite0_rgb, photo, cla
         top = lite0_rgb(_photo(photo)).softmax(-1)[0]
     assert int(top.argmax()) in classes
     assert float(top[list(classes)].sum()) > 0.5
+
+
+@pytest.mark.parametrize("name,size", [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
+def test_larger_lite_packages_classify_natural_photos(name, size):
+    """lite1 and lite2 packages (deeper stages, same naming) mapped onto timm's tf_efficientnet_lite1/2."""
+    model = create_backbone(name, in_chans=3, pretrained="imagenet", num_classes=1000).eval()
+    with torch.no_grad():
+        for photo, classes in (("chelsea", CATS), ("coffee", COFFEE)):
+            top = model(_photo(photo, size)).softmax(-1)[0]
+            assert int(top.argmax()) in classes, (name, photo)
+            assert float(top[list(classes)].sum()) > 0.5, (name, photo)
 
 
 def test_random_init_does_not_classify_photos():

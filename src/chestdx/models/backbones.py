@@ -29,8 +29,10 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 
 BACKBONES = {
-    # TF-ported EfficientNet-Lite0: TF "same" padding, BN eps 1e-3, inputs scaled to [-1, 1].
+    # TF-ported EfficientNet-Lite0/1/2: TF "same" padding, BN eps 1e-3, inputs scaled to [-1, 1].
     "efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", HALF, HALF),
+    "efficientnet_lite1": BackboneSpec("tf_efficientnet_lite1", HALF, HALF),  # 240 px native
+    "efficientnet_lite2": BackboneSpec("tf_efficientnet_lite2", HALF, HALF),  # 260 px native
     "efficientnet_b0": BackboneSpec("efficientnet_b0", IMAGENET_MEAN, IMAGENET_STD),
     "efficientnet_b1": BackboneSpec("efficientnet_b1", IMAGENET_MEAN, IMAGENET_STD),
     "resnet18": BackboneSpec("resnet18", IMAGENET_MEAN, IMAGENET_STD),

