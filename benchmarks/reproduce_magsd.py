@@ -38,7 +38,7 @@ def train_and_test(config_name: str, run_dir: Path, overrides: list[str], manife
                    reuse: bool = False) -> dict:
     from chestdx.evaluate.run import evaluate_bundle
     from chestdx.train.config import load_config
-    from chestdx.train.run import build_datasets, fit
+    from chestdx.train.run import fit
 
     cfg = load_config(ROOT / "configs" / config_name, overrides)
     started = time.time()
@@ -47,8 +47,7 @@ def train_and_test(config_name: str, run_dir: Path, overrides: list[str], manife
         done = json.loads((run_dir / "train_summary.json").read_text())
         train_seconds = done["seconds_per_epoch"] * cfg["train"]["epochs"]
     else:
-        datasets = build_datasets(cfg, progress=False, manifest=manifest) if manifest is not None else None
-        model_path = fit(cfg, run_dir, progress=False, datasets=datasets)
+        model_path = fit(cfg, run_dir, progress=False, manifest=manifest)
         train_seconds = time.time() - started
     metrics = evaluate_bundle(model_path, run_dir / "eval", n_boot=n_boot, manifest=manifest)
     summary = json.loads((run_dir / "train_summary.json").read_text())
@@ -95,16 +94,10 @@ def fixed_split(args, overrides) -> dict:
 
 def folds(args, overrides) -> dict:
     from chestdx.data.datasets import get_dataset
-    from chestdx.data.manifest import Manifest
-    from chestdx.data.splits import kfold_split_tags
+    from chestdx.train.cv import fold_manifests
 
-    manifest = get_dataset("cxr-covid").manifest()
-    frame = manifest.frame
-    strata = (frame["label"].astype(str) + "/" + frame["source"].astype(str)).to_numpy()
     result = {}
-    for k, tags in enumerate(kfold_split_tags(strata, frame["patient_id"].to_numpy(), args.folds, seed=0)):
-        fold = Manifest(frame.assign(split=tags), manifest.root, manifest.label_column, manifest.classes,
-                        manifest.extra_labels)
+    for k, fold in enumerate(fold_manifests(get_dataset("cxr-covid").manifest(), args.folds, seed=0)):
         for key, config_name in MODELS.items():
             print(f"== fold {k}: {key}", flush=True)
             result.setdefault(key, {"folds": []})["folds"].append(

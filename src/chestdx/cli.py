@@ -32,6 +32,8 @@ def train(
     set_: List[str] = typer.Option([], "--set", help="override, e.g. --set train.epochs=5"),
     install: bool = typer.Option(False, "--install", help="also install the model as the default for predict"),
     evaluate_after: bool = typer.Option(True, "--evaluate/--no-evaluate", help="evaluate on val/test afterwards"),
+    folds: int = typer.Option(0, "--folds", min=0, help="K >= 3: patient-level K-fold cross-validation instead of "
+                              "the dataset's split (fold k tests, fold k+1 selects); writes cv_summary.json"),
 ):
     """Train a model (resumes from the run folder's last checkpoint if there is one)."""
     from chestdx.train.config import load_config
@@ -39,12 +41,32 @@ def train(
 
     cfg = load_config(config, set_)
     run_dir = run_dir or Path("runs") / cfg["name"]
+    if folds:
+        _cross_validate(cfg, run_dir, folds, install)
+        return
     model_path = fit(cfg, run_dir, progress=sys.stderr.isatty())
     console.print(f"model: {model_path}")
     if install:
         _install(model_path)
     if evaluate_after:
         _evaluate(model_path, run_dir / "eval", None, cfg["evaluate"]["bootstrap"])
+
+
+def _cross_validate(cfg: dict, run_dir: Path, folds: int, install: bool) -> None:
+    from chestdx.train.cv import cross_validate
+
+    if install:
+        raise ChestDxError("--install takes a single model; cross-validation trains one per fold")
+    summary = cross_validate(cfg, run_dir, folds, progress=sys.stderr.isatty(), n_boot=cfg["evaluate"]["bootstrap"])
+    table = Table(title=f"{cfg['name']}: {folds}-fold cross-validation, test folds, threshold 0.5")
+    metrics = list(summary["mean"])
+    for col in ["fold", *metrics]:
+        table.add_column(col)
+    for k, fold in enumerate(summary["folds"]):
+        table.add_row(str(k), *(f"{fold[m]:.3f}" for m in metrics))
+    table.add_row("mean ± sd", *(f"{summary['mean'][m]:.3f} ± {summary['sd'][m]:.3f}" for m in metrics))
+    console.print(table)
+    console.print(f"summary: {run_dir / 'cv_summary.json'}")
 
 
 @app.command()

@@ -51,19 +51,23 @@ def build_datasets(cfg: dict, progress: bool = True, manifest=None) -> dict:
     return out
 
 
-def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None) -> Path:
+def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None, manifest=None) -> Path:
     """Train (or resume) and write `<run_dir>/model.pt`; returns its path.
 
+    `manifest` replaces the config's dataset splits (e.g. one cross-validation fold); `datasets`
+    passes ready-built ones (single models only).
     `train.ensemble: K` (> 1) trains K members from seeds seed, seed+1, ... in
     `<run_dir>/member_<k>` and bundles them as one seed ensemble (models/ensemble.py)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     keep_freed_memory()
     if int(cfg["train"].get("ensemble") or 1) > 1:
-        return _fit_ensemble(cfg, run_dir, progress)
+        if datasets is not None:  # each member builds its own, seeded by its seed
+            raise ValueError("fit(datasets=...) is for single models; pass manifest= for an ensemble")
+        return _fit_ensemble(cfg, run_dir, progress, manifest)
     t = cfg["train"]
     L.seed_everything(t["seed"], workers=True, verbose=False)
-    data = datasets or build_datasets(cfg, progress)
+    data = datasets or build_datasets(cfg, progress, manifest=manifest)
     train_loader = DataLoader(data["train"], batch_size=t["batch_size"], shuffle=True, drop_last=True,
                               num_workers=t["num_workers"], persistent_workers=False)
     val_loader = DataLoader(data["val"], batch_size=64, shuffle=False, num_workers=t["num_workers"])
@@ -93,7 +97,7 @@ def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None)
     return _write_bundle(bundle, val_metrics, run_dir)
 
 
-def _fit_ensemble(cfg: dict, run_dir: Path, progress: bool) -> Path:
+def _fit_ensemble(cfg: dict, run_dir: Path, progress: bool, manifest=None) -> Path:
     t = cfg["train"]
     members, summaries, data = [], [], None
     for k in range(int(t["ensemble"])):
@@ -102,13 +106,13 @@ def _fit_ensemble(cfg: dict, run_dir: Path, progress: bool) -> Path:
         member_dir = run_dir / f"member_{k}"
         path = member_dir / "model.pt"
         if not (path.is_file() and (member_dir / "train_summary.json").is_file()):  # finished members are kept
-            data = build_datasets(member_cfg, progress)
+            data = build_datasets(member_cfg, progress, manifest=manifest)
             path = fit(member_cfg, member_dir, progress, datasets=data)
         model, bundle = load_bundle(path)
         members.append(model)
         summaries.append(bundle)
     cfg["preprocess"] = summaries[0]["preprocess"]
-    data = data or build_datasets(copy.deepcopy(cfg), progress)
+    data = data or build_datasets(copy.deepcopy(cfg), progress, manifest=manifest)
     ensemble = Ensemble(members).eval()
     val_loader = DataLoader(data["val"], batch_size=64, shuffle=False, num_workers=t["num_workers"])
     val_metrics = _validation_summary(ensemble, val_loader, cfg.get("evaluate", {}))

@@ -1,0 +1,80 @@
+"""Patient-level K-fold cross-validation of one experiment config.
+
+Fold k tests on fold k, selects the checkpoint (and the Youden threshold) on fold k+1 and trains
+on the rest (`chestdx.data.splits.kfold_split_tags`), so every image is tested exactly once and
+no patient crosses splits. Folds are stratified by label, and by source where the manifest has
+a `source` column (mixed-source CXR sets). Each fold is an ordinary run folder, so a killed
+cross-validation resumes: finished folds are kept, the interrupted one resumes from its last
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+
+from chestdx.data.datasets import get_dataset
+from chestdx.data.manifest import Manifest
+from chestdx.data.splits import kfold_split_tags
+from chestdx.errors import ChestDxError
+from chestdx.utils import write_json_atomic
+
+BINARY_HEADLINE = ("auc", "accuracy", "sensitivity", "specificity", "f1")
+MULTICLASS_HEADLINE = ("macro_auc", "accuracy", "macro_sensitivity", "macro_specificity", "macro_f1")
+
+
+def fold_manifests(manifest: Manifest, n_folds: int, seed: int = 0) -> list[Manifest]:
+    """The manifest once per fold, its `split` column replaced by that fold's train/val/test tags."""
+    _check_fold_count(n_folds)
+    frame = manifest.frame
+    strata = frame[manifest.label_column].astype(str)
+    if "source" in frame.columns:
+        strata = strata + "/" + frame["source"].astype(str)
+    tags = kfold_split_tags(strata.to_numpy(), frame["patient_id"].to_numpy(), n_folds, seed=seed)
+    return [Manifest(frame.assign(split=t), manifest.root, manifest.label_column, manifest.classes,
+                     manifest.extra_labels) for t in tags]
+
+
+def cross_validate(cfg: dict, run_dir, n_folds: int, progress: bool = True, n_boot: int = 200) -> dict:
+    """Train and test every fold in `<run_dir>/fold<k>`; write and return `<run_dir>/cv_summary.json`
+    (per-fold test metrics at threshold 0.5, their mean and standard deviation)."""
+    from chestdx.evaluate.run import evaluate_bundle
+    from chestdx.train.run import fit
+
+    _check_fold_count(n_folds)
+    run_dir = Path(run_dir)
+    manifest = get_dataset(cfg["dataset"]).manifest()
+    folds = []
+    for k, fold in enumerate(fold_manifests(manifest, n_folds, seed=int(cfg["train"]["seed"]))):
+        fold_dir = run_dir / f"fold{k}"
+        done = fold_dir / "eval" / "metrics.json"
+        if done.is_file() and (fold_dir / "model.pt").is_file():
+            metrics = json.loads(done.read_text())
+        else:
+            model_path = fit(copy.deepcopy(cfg), fold_dir, progress, manifest=fold)
+            metrics = evaluate_bundle(model_path, fold_dir / "eval", n_boot=n_boot, shortcut_probe=False,
+                                      manifest=fold)
+        folds.append(_headline(metrics))
+    summary = {"config": cfg["name"], "dataset": cfg["dataset"], "n_folds": n_folds,
+               "threshold": 0.5, "folds": folds, "mean": {}, "sd": {}}
+    for key in (k for k in folds[0] if k != "n_test"):
+        values = np.array([f[key] for f in folds], dtype=float)
+        summary["mean"][key] = float(values.mean())
+        summary["sd"][key] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    write_json_atomic(run_dir / "cv_summary.json", summary)
+    return summary
+
+
+def _check_fold_count(n_folds: int) -> None:
+    if n_folds < 3:  # one fold tests, the next selects: fewer than three leaves nothing to train on
+        raise ChestDxError(f"{n_folds} folds: cross-validation needs at least 3 (test, validation, training)")
+
+
+def _headline(metrics: dict) -> dict:
+    test = metrics["test"]
+    if "at_0.5" in test:  # binary
+        return {k: float(test["at_0.5"][k]) for k in BINARY_HEADLINE} | {"n_test": metrics["n_test"]}
+    return {k: float(test[k]) for k in MULTICLASS_HEADLINE} | {"n_test": metrics["n_test"]}
