@@ -20,6 +20,8 @@ from chestdx.data.datasets import get_dataset
 from chestdx.data.manifest import Manifest
 from chestdx.data.splits import kfold_split_tags
 from chestdx.errors import ChestDxError
+from chestdx.evaluate.run import evaluate_bundle
+from chestdx.train.run import fit
 from chestdx.utils import write_json_atomic
 
 BINARY_HEADLINE = ("auc", "accuracy", "sensitivity", "specificity", "f1")
@@ -41,9 +43,6 @@ def fold_manifests(manifest: Manifest, n_folds: int, seed: int = 0) -> list[Mani
 def cross_validate(cfg: dict, run_dir, n_folds: int, progress: bool = True, n_boot: int = 200) -> dict:
     """Train and test every fold in `<run_dir>/fold<k>`; write and return `<run_dir>/cv_summary.json`
     (per-fold test metrics at threshold 0.5, their mean and standard deviation)."""
-    from chestdx.evaluate.run import evaluate_bundle
-    from chestdx.train.run import fit
-
     _check_fold_count(n_folds)
     run_dir = Path(run_dir)
     manifest = get_dataset(cfg["dataset"]).manifest()
