@@ -61,6 +61,7 @@ def test_cli_cross_validation_tests_each_image_once(small_covid_ct, tmp_path, mo
                 "--set", "train.epochs=1", "--set", "train.batch_size=8", "--set", "preprocess.size=64",
                 "--set", "evaluate.bootstrap=20"], tmp_path / "home")
     assert "mean ± sd" in proc.stdout
+    assert "sensitivity" in proc.stdout and "specificity" in proc.stdout  # piped, yet not squeezed
     summary = json.loads((out / "cv_summary.json").read_text())
     assert len(summary["folds"]) == 3 and sum(f["n_test"] for f in summary["folds"]) == 28
     assert summary["mean"]["auc"] == pytest.approx(np.mean([f["auc"] for f in summary["folds"]]))
@@ -71,6 +72,14 @@ def test_cli_cross_validation_tests_each_image_once(small_covid_ct, tmp_path, mo
         fold = json.loads((out / f"fold{k}" / "train_summary.json").read_text())
         members = [json.loads((out / f"fold{k}" / f"member_{m}" / "train_summary.json").read_text()) for m in (0, 1)]
         assert {m["data_fingerprint"] for m in members} == {fold["data_fingerprint"]}
+    # Re-run with another learning rate into the same folder: refused in one line, nothing retrained.
+    before = (out / "fold0" / "model.pt").stat().st_mtime
+    again = run(["train", "--config", "configs/ladnn_covidct.yaml", "--run-dir", str(out), "--folds", "3",
+                 "--set", "train.epochs=1", "--set", "train.batch_size=8", "--set", "preprocess.size=64",
+                 "--set", "train.lr=1e-3"], tmp_path / "home", check=False)
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    assert "fold0 holds a run with other settings" in again.stdout + again.stderr and "train.lr" in again.stdout + again.stderr
+    assert (out / "fold0" / "model.pt").stat().st_mtime == before
 
 
 def test_cli_rejects_two_folds(tmp_path):

@@ -85,3 +85,24 @@ def test_fit_trains_each_member_and_bundles_the_ensemble(tmp_path, covid_ct_dir)
     before = (tmp_path / "run" / "member_0" / "model.pt").stat().st_mtime
     fit(copy.deepcopy(cfg), tmp_path / "run", progress=False)
     assert (tmp_path / "run" / "member_0" / "model.pt").stat().st_mtime == before
+
+
+def test_a_finished_member_is_kept_only_for_the_same_settings(tmp_path, covid_ct_dir):
+    from chestdx.errors import ChestDxError
+    from chestdx.train.run import fit
+
+    overrides = ["train.limit_per_split=16", "train.batch_size=8", "preprocess.size=64", "train.epochs=1",
+                 "train.ensemble=2"]
+    run_dir = tmp_path / "run"
+    fit(load_config("configs/ladnn_covidct.yaml", overrides), run_dir, progress=False)
+    for name in ("run_spec.json", "train_summary.json"):  # the ensemble folder forgets; its members must not
+        (run_dir / name).unlink()
+    with pytest.raises(ChestDxError, match=r"member_0 holds a run with other settings \(train\.lr"):
+        fit(load_config("configs/ladnn_covidct.yaml", [*overrides, "train.lr=1e-3"]), run_dir, progress=False)
+    # More epochs: the finished members are not kept as they are but resumed for the extra epoch.
+    fit(load_config("configs/ladnn_covidct.yaml", [*overrides, "train.epochs=2"]), run_dir, progress=False)
+    for k in (0, 1):
+        member = json.loads((run_dir / f"member_{k}" / "train_summary.json").read_text())
+        assert member["config"]["train"]["epochs"] == 2
+        logs = sorted((run_dir / f"member_{k}" / "logs").glob("version_*/metrics.csv"))
+        assert len(logs) == 2  # a first run, then a resumed one

@@ -65,7 +65,8 @@ def _cross_validate(cfg: dict, run_dir: Path, folds: int, install: bool) -> None
     for k, fold in enumerate(summary["folds"]):
         table.add_row(str(k), *(f"{fold[m]:.3f}" for m in metrics))
     table.add_row("mean ± sd", *(f"{summary['mean'][m]:.3f} ± {summary['sd'][m]:.3f}" for m in metrics))
-    console.print(table)
+    # Piped or logged output gets 80 columns by default, which squeezes the metric names.
+    (console if console.is_terminal else Console(width=max(console.width, 130))).print(table)
     console.print(f"summary: {run_dir / 'cv_summary.json'}")
 
 

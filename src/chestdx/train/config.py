@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import yaml
@@ -41,7 +42,21 @@ def load_config(path=None, overrides=()) -> dict:
         cfg = deep_merge(cfg, read_config_file(Path(path)))
     for item in overrides:
         apply_override(cfg, item)
-    return cfg
+    return _numbers(cfg)
+
+
+# YAML 1.1 (PyYAML) reads 1e-3, written without a dot, as a string; everyone means the number.
+_SCIENTIFIC = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+
+
+def _numbers(node):
+    if isinstance(node, dict):
+        return {k: _numbers(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_numbers(v) for v in node]
+    if isinstance(node, str) and _SCIENTIFIC.fullmatch(node.strip()):
+        return float(node)
+    return node
 
 
 def read_config_file(path: Path, _seen=()) -> dict:

@@ -5,7 +5,7 @@ on the rest (`chestdx.data.splits.kfold_split_tags`), so every image is tested e
 no patient crosses splits. Folds are stratified by label, and by source where the manifest has
 a `source` column (mixed-source CXR sets). Each fold is an ordinary run folder, so a killed
 cross-validation resumes: finished folds are kept, the interrupted one resumes from its last
-checkpoint.
+checkpoint; folds made with other settings or data are refused (`chestdx.train.runfolder`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from chestdx.data.manifest import Manifest
 from chestdx.data.splits import kfold_split_tags
 from chestdx.errors import ChestDxError
 from chestdx.evaluate.run import evaluate_bundle
-from chestdx.train.run import fit
+from chestdx.train import runfolder
+from chestdx.train.run import fit, prepare_config, split_manifests
 from chestdx.utils import write_json_atomic
 
 BINARY_HEADLINE = ("auc", "accuracy", "sensitivity", "specificity", "f1")
@@ -49,11 +50,13 @@ def cross_validate(cfg: dict, run_dir, n_folds: int, progress: bool = True, n_bo
     folds = []
     for k, fold in enumerate(fold_manifests(manifest, n_folds, seed=int(cfg["train"]["seed"]))):
         fold_dir = run_dir / f"fold{k}"
+        fold_cfg = prepare_config(copy.deepcopy(cfg))
+        runfolder.check(fold_dir, fold_cfg, split_manifests(fold_cfg, fold)[1])  # another run's fold is refused
         done = fold_dir / "eval" / "metrics.json"
-        if done.is_file() and (fold_dir / "model.pt").is_file():
+        if done.is_file() and runfolder.finished(fold_dir, fold_cfg):
             metrics = json.loads(done.read_text())
         else:
-            model_path = fit(copy.deepcopy(cfg), fold_dir, progress, manifest=fold)
+            model_path = fit(fold_cfg, fold_dir, progress, manifest=fold)
             metrics = evaluate_bundle(model_path, fold_dir / "eval", n_boot=n_boot, shortcut_probe=False,
                                       manifest=fold)
         folds.append(_headline(metrics))

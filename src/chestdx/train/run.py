@@ -26,18 +26,23 @@ from chestdx.evaluate.metrics import youden_threshold
 from chestdx.models.backbones import grey_normalisation
 from chestdx.models.bundle import load_bundle, make_bundle, save_bundle
 from chestdx.models.ensemble import Ensemble
+from chestdx.train import runfolder
 from chestdx.train.memory import keep_freed_memory
 from chestdx.train.module import ClassifierModule, class_probabilities, macro_auc, predicted_class
 from chestdx.utils import write_json_atomic
 
 
-def build_datasets(cfg: dict, progress: bool = True, manifest=None) -> dict:
-    """Train and val datasets of the config's named dataset, or of `manifest` (e.g. one CV fold)."""
+def prepare_config(cfg: dict) -> dict:
+    """Fill in the backbone's input normalisation (idempotent), so every record of the config agrees."""
+    cfg["preprocess"] = {**grey_normalisation(cfg["model"]["backbone"]), **cfg["preprocess"]}
+    return cfg
+
+
+def split_manifests(cfg: dict, manifest=None) -> tuple[dict, str]:
+    """The train and val manifests (the config's dataset, or `manifest`, e.g. one CV fold) and their
+    fingerprint; cheap, since no image is read."""
     manifest = manifest if manifest is not None else get_dataset(cfg["dataset"]).manifest()
-    pre = {**grey_normalisation(cfg["model"]["backbone"]), **cfg["preprocess"]}
-    cfg["preprocess"] = pre
     limit = int(cfg["train"].get("limit_per_split") or 0)
-    out = {"fingerprint": None}
     subsets = {}
     for split in ("train", "val"):
         sub = manifest.subset(split)
@@ -45,9 +50,17 @@ def build_datasets(cfg: dict, progress: bool = True, manifest=None) -> dict:
             rng = np.random.default_rng(cfg["train"]["seed"])
             sub = sub.take(sorted(rng.choice(len(sub), size=min(limit, len(sub)), replace=False)))
         subsets[split] = sub
+    return subsets, f"{subsets['train'].fingerprint()}-{subsets['val'].fingerprint()}"
+
+
+def build_datasets(cfg: dict, progress: bool = True, manifest=None) -> dict:
+    """Train and val datasets of the config's named dataset, or of `manifest` (e.g. one CV fold)."""
+    pre = prepare_config(cfg)["preprocess"]
+    subsets, fingerprint = split_manifests(cfg, manifest)
+    out = {"fingerprint": fingerprint}
+    for split, sub in subsets.items():
         load, sample = build_pipeline(pre, train=split == "train", aug=cfg["augment"])
         out[split] = ManifestDataset(sub, load, sample, seed=cfg["train"]["seed"], progress=progress)
-    out["fingerprint"] = f"{subsets['train'].fingerprint()}-{subsets['val'].fingerprint()}"
     return out
 
 
@@ -61,11 +74,14 @@ def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None,
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     keep_freed_memory()
+    prepare_config(cfg)
     if int(cfg["train"].get("ensemble") or 1) > 1:
         if datasets is not None:  # each member builds its own, seeded by its seed
             raise ValueError("fit(datasets=...) is for single models; pass manifest= for an ensemble")
         return _fit_ensemble(cfg, run_dir, progress, manifest)
     t = cfg["train"]
+    fingerprint = datasets["fingerprint"] if datasets is not None else split_manifests(cfg, manifest)[1]
+    runfolder.claim(run_dir, cfg, fingerprint)  # before any image is read
     L.seed_everything(t["seed"], workers=True, verbose=False)
     data = datasets or build_datasets(cfg, progress, manifest=manifest)
     train_loader = DataLoader(data["train"], batch_size=t["batch_size"], shuffle=True, drop_last=True,
@@ -99,13 +115,20 @@ def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None,
 
 def _fit_ensemble(cfg: dict, run_dir: Path, progress: bool, manifest=None) -> Path:
     t = cfg["train"]
-    members, summaries, data = [], [], None
-    for k in range(int(t["ensemble"])):
-        member_cfg = copy.deepcopy(cfg)
+    member_cfgs = [copy.deepcopy(cfg) for _ in range(int(t["ensemble"]))]
+    for k, member_cfg in enumerate(member_cfgs):
         member_cfg["train"].update(ensemble=1, seed=int(t["seed"]) + k)
+    # Every folder is checked before any is recorded, so a refused run changes nothing.
+    fingerprint = split_manifests(cfg, manifest)[1]
+    runfolder.check(run_dir, cfg, fingerprint)
+    for k, member_cfg in enumerate(member_cfgs):
+        runfolder.check(run_dir / f"member_{k}", member_cfg, split_manifests(member_cfg, manifest)[1])
+    runfolder.claim(run_dir, cfg, fingerprint)
+    members, summaries, data = [], [], None
+    for k, member_cfg in enumerate(member_cfgs):
         member_dir = run_dir / f"member_{k}"
         path = member_dir / "model.pt"
-        if not (path.is_file() and (member_dir / "train_summary.json").is_file()):  # finished members are kept
+        if not runfolder.finished(member_dir, member_cfg):  # finished members are kept
             data = build_datasets(member_cfg, progress, manifest=manifest)
             path = fit(member_cfg, member_dir, progress, datasets=data)
         model, bundle = load_bundle(path)
