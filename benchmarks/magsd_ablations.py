@@ -11,7 +11,7 @@ mixup + dimming, all three (Table VII); soft distance vs L2 (Table VIII).
 Reduced setting (recorded in the JSON): 96 px, 2 epochs, 256 training images drawn once
 (seeded, the same for every row), AdamW; validation and test splits whole. Differences between
 rows in that setting are mostly noise: read the CIs.
-Writes benchmarks/results/magsd_ablations.json and .md.
+Writes benchmarks/results/magsd_ablations.json and .md (to --out instead with --set or --only).
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ def main() -> None:
                                "test": run["test"], "validation": run["validation"],
                                "best_epoch": run["best_epoch"], "train_seconds": run["train_seconds"]})
     result["seconds_total"] = time.time() - started
-    out = ROOT / "benchmarks" / "results" / "magsd_ablations.json"
+    # Trials (--set overrides, --only some rows) stay beside their runs; the committed file is the full run's.
+    out = (args.out if args.set or args.only else ROOT / "benchmarks" / "results") / "magsd_ablations.json"
+    print(f"results: {out}", file=sys.stderr)
     write_json_atomic(out, result)
     write_text_atomic(out.with_suffix(".md"), markdown(result))
     print(markdown(result))
@@ -89,4 +91,9 @@ def markdown(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from chestdx.errors import ChestDxError
+
+    try:
+        main()
+    except ChestDxError as err:  # a run folder from other settings, missing data or weights: one line
+        sys.exit(f"error: {err}")

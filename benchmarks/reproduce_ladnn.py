@@ -4,7 +4,8 @@ Trains both with EfficientNet-Lite0 (ImageNet init) on this machine's CPU with t
 configs/{baseline,ladnn}_covidct.yaml (a seed ensemble per model, random JPEG re-compression),
 the two side by side, one process and half the cores each. Each is evaluated on the test split
 once (members chosen on validation AUC) and the results go to
-benchmarks/results/reproduce_ladnn.json. With --jpeg-check it then trains one LA-DNN member
+benchmarks/results/reproduce_ladnn.json (to --out instead when --set changes the recipe, so a trial
+never overwrites the committed numbers). With --jpeg-check it then trains one LA-DNN member
 with and one without the JPEG re-compression (the covid-ct file-format shortcut control) and
 records both test AUCs.
 
@@ -94,7 +95,9 @@ def main() -> None:
                                        "shortcut_probe_auc_all_jpeg": r["shortcut_probe_auc_all_jpeg"],
                                        "validation_auc": r["validation"]["auc"]} for name, r in checks.items()}
         result["seconds_total_with_jpeg_check"] = time.time() - started
-    out = ROOT / "benchmarks" / "results" / "reproduce_ladnn.json"
+    # Trials with --set overrides stay beside their runs; the committed file is the recipe's own.
+    out = (args.out if args.set else ROOT / "benchmarks" / "results") / "reproduce_ladnn.json"
+    print(f"results: {out}", file=sys.stderr)
     sys.path.insert(0, str(ROOT / "src"))
     from chestdx.utils import write_json_atomic
 
@@ -103,4 +106,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from chestdx.errors import ChestDxError
+
+    try:
+        main()
+    except ChestDxError as err:  # a run folder from other settings, missing data or weights: one line
+        sys.exit(f"error: {err}")

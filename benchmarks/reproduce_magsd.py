@@ -14,14 +14,15 @@ per MAG-SD step instead of all three (`magsd.augment_per_step=1`); the paper's s
     python benchmarks/reproduce_magsd.py --split fixed [--epochs N] [--set key=value ...]
     python benchmarks/reproduce_magsd.py --folds 5 [--paper-schedule]
 
-Writes benchmarks/results/reproduce_magsd.json (or reproduce_magsd_folds.json) and a
-Markdown table beside it.
+Writes benchmarks/results/reproduce_magsd.json (or reproduce_magsd_folds<K>.json) and a
+Markdown table beside it; with --set overrides (a trial) they go to --out instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -38,11 +39,13 @@ def train_and_test(config_name: str, run_dir: Path, overrides: list[str], manife
                    reuse: bool = False) -> dict:
     from chestdx.evaluate.run import evaluate_bundle
     from chestdx.train.config import load_config
-    from chestdx.train.run import fit
+    from chestdx.train import runfolder
+    from chestdx.train.run import fit, prepare_config, split_manifests
 
-    cfg = load_config(ROOT / "configs" / config_name, overrides)
+    cfg = prepare_config(load_config(ROOT / "configs" / config_name, overrides))
     started = time.time()
-    if reuse and (run_dir / "model.pt").is_file():  # a finished model from an earlier invocation
+    runfolder.check(run_dir, cfg, split_manifests(cfg, manifest)[1])  # never reuse another run's model
+    if reuse and runfolder.finished(run_dir, cfg):  # a finished model from an earlier invocation
         model_path = run_dir / "model.pt"
         done = json.loads((run_dir / "train_summary.json").read_text())
         train_seconds = done["seconds_per_epoch"] * cfg["train"]["epochs"]
@@ -168,7 +171,9 @@ def main() -> None:
     result.update(folds(args, overrides) if args.folds else fixed_split(args, overrides))
     result["seconds_total"] = time.time() - started
     name = "reproduce_magsd" if not args.folds else f"reproduce_magsd_folds{args.folds}"
-    out = ROOT / "benchmarks" / "results" / f"{name}.json"
+    # Trials with --set overrides stay beside their runs; the committed files are the documented modes'.
+    out = (args.out if args.set else ROOT / "benchmarks" / "results") / f"{name}.json"
+    print(f"results: {out}", file=sys.stderr)
     write_json_atomic(out, result)
     title = f"MAG-SD vs plain GAP classifier on cxr-covid ({tag}, {result['setting']['device']})"
     write_text_atomic(out.with_suffix(".md"), markdown(result, title))
@@ -176,4 +181,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from chestdx.errors import ChestDxError
+
+    try:
+        main()
+    except ChestDxError as err:  # a run folder from other settings, missing data or weights: one line
+        sys.exit(f"error: {err}")
