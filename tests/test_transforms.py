@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from chestdx.data.transforms import (CLAHE, Compose, Normalize, RandomAffine, RandomHorizontalFlip, RandomJPEG,
-                                     Resize, ZScore, build_pipeline, tta_views)
+from chestdx.data.transforms import (CLAHE, Compose, Normalize, RandomAffine, RandomDownscale, RandomHorizontalFlip,
+                                     RandomJPEG, Resize, ZScore, build_pipeline, tta_views)
 
 
 def square_image(h=60, w=120):
@@ -120,6 +120,25 @@ def test_jpeg_recompression_adds_blocking_but_keeps_content():
     out = RandomJPEG(quality=(20, 20), p=1.0)(img, rng)
     assert not np.allclose(out, img, atol=1e-3)
     assert np.corrcoef(out.ravel(), img.ravel())[0, 1] > 0.9
+
+
+def test_downscale_looks_like_a_small_original_through_resize():
+    import cv2
+
+    rng = np.random.default_rng(0)
+    img = rng.random((64, 64)).astype(np.float32)
+    small_original = cv2.resize(img, (32, 32), interpolation=cv2.INTER_AREA)
+    out = RandomDownscale(factor=(0.5, 0.5), p=1.0)(img, rng)
+    np.testing.assert_allclose(out, Resize(64)(small_original), atol=1e-6)  # what Resize does to a 32 px image
+    checker = (np.indices((64, 64)).sum(0) % 2).astype(np.float32)  # the finest detail there is
+    np.testing.assert_allclose(RandomDownscale(factor=(0.5, 0.5), p=1.0)(checker, rng), 0.5, atol=1e-6)
+    _, never = build_pipeline({"size": 64, "mean": 0.0, "std": 1.0}, train=True,
+                              aug={"affine": 0.0, "hflip": 0.0, "downscale": 0.0})
+    np.testing.assert_array_equal(never(checker, rng), checker)  # off unless the config asks
+    _, half = build_pipeline({"size": 64, "mean": 0.0, "std": 1.0}, train=True,
+                             aug={"affine": 0.0, "hflip": 0.0, "downscale": 0.5})
+    untouched = [np.array_equal(half(checker, np.random.default_rng(seed)), checker) for seed in range(200)]
+    assert 0.35 < np.mean(untouched) < 0.65
 
 
 def test_pipeline_is_reproducible_per_seed():

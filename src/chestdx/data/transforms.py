@@ -119,7 +119,8 @@ class RandomHorizontalFlip:
 class RandomJPEG:
     """Re-encode as JPEG at a random quality, so the file format stops being a label shortcut.
 
-    In covid-ct every COVID image is a PNG while half the negatives are JPEGs.
+    In covid-ct the COVID images are .png files (34 of 349 hold JPEG data) while half the
+    negatives are .jpg.
     """
 
     def __init__(self, quality=(30, 95), p: float = 0.5):
@@ -132,6 +133,27 @@ class RandomJPEG:
         u8 = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
         ok, buf = cv2.imencode(".jpg", u8, [cv2.IMWRITE_JPEG_QUALITY, q])
         return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255.0 if ok else image
+
+
+class RandomDownscale:
+    """Shrink by a random factor in `factor` (area interpolation), then enlarge back bilinearly.
+
+    This is what `Resize` does to an original smaller than the input size, so a model trained with it
+    cannot read the original resolution as a label: in covid-ct's training split 28% of the COVID
+    images have a long side under 200 px against 11% of the negatives, while in its test split it
+    is the other way round (15% against 21%).
+    """
+
+    def __init__(self, factor=(0.4, 1.0), p: float = 0.5):
+        self.factor, self.p = tuple(factor), p
+
+    def __call__(self, image, rng):
+        if rng.random() >= self.p:
+            return image
+        h, w = image.shape[:2]
+        f = rng.uniform(*self.factor)
+        small = cv2.resize(image, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+        return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 class RandomBrightnessContrast:
@@ -154,6 +176,8 @@ def build_pipeline(pre: dict, train: bool, aug: dict | None = None) -> tuple[Com
     sample = []
     aug = aug or {}
     if train:
+        if aug.get("downscale"):
+            sample.append(RandomDownscale(aug.get("downscale_factor", (0.4, 1.0)), p=float(aug["downscale"])))
         if aug.get("jpeg"):
             sample.append(RandomJPEG(p=float(aug["jpeg"])))
         affine = aug.get("affine", True)  # true = every image, a number = that probability
@@ -190,5 +214,5 @@ def tta_views(x, hflip: bool = True, scales=(1.0,)) -> list:
     return views
 
 
-__all__ = ["CLAHE", "Compose", "Normalize", "RandomAffine", "RandomBrightnessContrast", "RandomHorizontalFlip",
-           "RandomJPEG", "Resize", "ZScore", "build_pipeline", "tta_views"]
+__all__ = ["CLAHE", "Compose", "Normalize", "RandomAffine", "RandomBrightnessContrast", "RandomDownscale",
+           "RandomHorizontalFlip", "RandomJPEG", "Resize", "ZScore", "build_pipeline", "tta_views"]

@@ -45,8 +45,8 @@ def report_markdown(metrics: dict, config: dict) -> str:
     if "shortcut_probe" in metrics:
         sp = metrics["shortcut_probe"]
         lines += ["", "## Shortcut check", "",
-                  "In covid-ct every COVID image is a PNG while about half of the negatives are JPEGs, so a model "
-                  "can learn compression artefacts instead of disease.", "",
+                  "In covid-ct the COVID images are .png files (34 of 349 hold JPEG data) while about half of the "
+                  "negatives are .jpg, so a model can learn compression artefacts instead of disease.", "",
                   f"- test AUC on the images as stored: {sp['auc_original']:.3f}",
                   f"- test AUC with every test image re-encoded as JPEG (q75): {sp['auc_all_jpeg']:.3f}"]
         if "auc_trained_with_jpeg_aug" in sp:
