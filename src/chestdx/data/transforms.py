@@ -141,7 +141,8 @@ class RandomDownscale:
     This is what `Resize` does to an original smaller than the input size, so a model trained with it
     cannot read the original resolution as a label: in covid-ct's training split 28% of the COVID
     images have a long side under 200 px against 11% of the negatives, while in its test split it
-    is the other way round (15% against 21%).
+    is the other way round (15% against 21%). Not in the configs: on validation it did not beat the
+    committed recipe (README, "Tried").
     """
 
     def __init__(self, factor=(0.4, 1.0), p: float = 0.5):

@@ -87,7 +87,8 @@ def evaluate_bundle(bundle_path, out_dir, dataset: str | None = None, n_boot: in
         recoded = predict_split(predictor, rows("test"), extra_load_steps=[JPEGRecode()])
         metrics["shortcut_probe"] = {
             "description": "test AUC when every test image is re-encoded as JPEG q75 before inference; "
-                           "a large drop means the model keys on file format (COVID images are .png files, half the negatives .jpg)",
+                           "a large drop means the model keys on file format "
+                           "(COVID images are .png files, half the negatives .jpg)",
             "auc_original": metrics["test"]["at_0.5"]["auc"],
             "auc_all_jpeg": evaluate_binary(recoded["y"], recoded["prob"], recoded["patients"], 0.5,
                                             n_boot=200)["at_0.5"]["auc"],
