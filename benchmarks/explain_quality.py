@@ -61,7 +61,7 @@ def main() -> None:
     patients = sample.patients()
     lungs = [ct_lung_mask(s) for s in shown]
     random_model = randomized_copy(predictor.model, seed=0)
-    names = dict(classes=bundle["classes"], lesions=bundle.get("lesions"))
+    names = dict(heads=predictor.explain_heads)
 
     results = {}
     for method in ["random", *CAM_METHODS]:
@@ -78,7 +78,7 @@ def main() -> None:
             rand = explain(random_model, x[:n], method, [int(c) for c in sorted(set(trained.columns[:, 0]))], **names)
             pick = [list(rand.columns[0]).index(c) for c in trained.columns[:, 0]]
             ssim = map_ssim(maps, rand.maps[np.arange(n), pick])
-        curves = deletion_insertion(predictor.model, x[:n], maps, trained.columns[:, 0], n_classes=2, steps=args.steps)
+        curves = deletion_insertion(predictor.model, x[:n], maps, trained.columns[:, 0], predictor.explain_heads, steps=args.steps)
         energy = [energy_share(m, lung) if lung.any() else np.nan for m, lung in zip(maps, lungs[:n])]
         seconds = time.time() - started
         summary = {key: mean_with_ci(values, patients[:n]) for key, values in

@@ -8,7 +8,7 @@ the lung masks). `--folds 5` runs the paper's protocol: patient-level 5-fold cro
 over all images (fold k tests, fold k+1 selects), mean +- sd over folds.
 
 CPU budget (the defaults): 5 epochs, AdamW, and one randomly chosen attention guided augmentation
-per MAG-SD step instead of all three (`magsd.augment_per_step=1`); the paper's setting
+per MAG-SD step instead of all three (`method.augment_per_step=1`); the paper's setting
 (100 epochs, SGD, all three each step) is `--paper-schedule`, for a GPU.
 
     python benchmarks/reproduce_magsd.py --split fixed [--epochs N] [--set key=value ...]
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"magsd": "magsd_cxr.yaml", "plain": "cxr_plain.yaml"}
 HEADLINE = ("accuracy", "macro_f1", "macro_auc", "macro_sensitivity", "macro_specificity")
 CPU_BUDGET = ["train.epochs=5", "train.optimizer=adamw", "train.lr=3.0e-4", "train.weight_decay=1.0e-2",
-              "train.patience=5", "magsd.augment_per_step=1"]
+              "train.patience=5", "method.augment_per_step=1"]
 
 
 def train_and_test(config_name: str, run_dir: Path, overrides: list[str], manifest=None, n_boot: int = 1000,

@@ -50,7 +50,7 @@ def tiny_models_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = LADNN(pretrained=None, dropout=cfg["model"].get("dropout", 0.2)).eval()
     bundle = make_bundle(model, cfg, validation={"auc": 0.5})
-    bundle["threshold"] = 0.4
+    bundle["thresholds"] = {"diagnosis": [0.4]}
     folder = tmp_path_factory.mktemp("models")
     save_bundle(bundle, folder / "ladnn-tiny.pt")
     return folder

@@ -51,7 +51,7 @@ def test_training_resumes_from_the_last_checkpoint(trained):
     assert log["val_auc"].notna().sum() == 2
     summary = json.loads((trained["run"] / "train_summary.json").read_text())
     assert summary["registry_name"] == "ladnn" and len(summary["data_fingerprint"]) == 33
-    assert set(summary["validation"]) >= {"auc", "youden_threshold"}
+    assert set(summary["validation"]) >= {"auc", "thresholds"} and len(summary["thresholds"]["diagnosis"]) == 1
 
 
 def test_predict_finds_the_installed_model(trained, covid_ct_dir, tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 from chestdx.explain import explain
 from chestdx.export import export_onnx, load_onnx
-from chestdx.models import create_model
+from chestdx.models import create_model, get_entry
 from chestdx.models.bundle import load_bundle, make_bundle, save_bundle
 from chestdx.models.ensemble import Ensemble
 from chestdx.train.config import load_config
@@ -20,6 +20,10 @@ def _members(name, n=3, **kw):
     return [create_model(name, backbone="resnet18", **kw).eval() for _ in range(n)]
 
 
+def _ensemble(name, members):
+    return Ensemble(members, get_entry(name).heads)
+
+
 def test_binary_ensemble_averages_member_probabilities():
     members = _members("ladnn")
     with torch.no_grad():  # confident members, so averaging probabilities and logits differ visibly
@@ -28,7 +32,7 @@ def test_binary_ensemble_averages_member_probabilities():
     x = torch.randn(4, 1, 64, 64)
     with torch.no_grad():
         outs = [m(x) for m in members]
-        got = Ensemble(members)(x)
+        got = _ensemble("ladnn", members)(x)
     want = torch.stack([torch.sigmoid(o["logits"]) for o in outs]).mean(0)
     torch.testing.assert_close(torch.sigmoid(got["logits"]), want, atol=1e-5, rtol=1e-5)
     want_lesions = torch.stack([torch.sigmoid(o["lesion_logits"]) for o in outs]).mean(0)
@@ -42,13 +46,13 @@ def test_multiclass_ensemble_averages_softmax():
     x = torch.randn(3, 1, 64, 64)
     with torch.no_grad():
         want = torch.stack([torch.softmax(m(x)["logits"], 1) for m in members]).mean(0)
-        got = torch.softmax(Ensemble(members)(x)["logits"], 1)
+        got = torch.softmax(_ensemble("cxr_plain", members)(x)["logits"], 1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_ensemble_bundle_round_trip_and_cam(tmp_path):
     cfg = load_config(None, ["model.backbone=resnet18", "model.pretrained=none", "train.ensemble=2", "preprocess.size=64"])
-    ensemble = Ensemble(_members("ladnn", n=2)).eval()
+    ensemble = _ensemble("ladnn", _members("ladnn", n=2)).eval()
     path = save_bundle(make_bundle(ensemble, cfg), tmp_path / "m.pt")
     loaded, meta = load_bundle(path)
     assert meta["ensemble"] == 2 and isinstance(loaded, Ensemble)
@@ -56,8 +60,7 @@ def test_ensemble_bundle_round_trip_and_cam(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x)["logits"], ensemble(x)["logits"])
     assert len(loaded.target_layers()) == 2
-    maps = explain(loaded, x, method="gradcam", target="covid", classes=["noncovid", "covid"],
-                   lesions=list(meta["lesions"])).maps
+    maps = explain(loaded, x, method="gradcam", target="covid", heads=get_entry("ladnn").heads).maps
     assert maps.shape == (2, 1, 64, 64) and np.isfinite(maps).all()
     onnx_model, _ = load_onnx(export_onnx(path, tmp_path / "m.onnx"))
     torch.testing.assert_close(onnx_model(x)["logits"], ensemble(x)["logits"].detach(), atol=1e-4, rtol=1e-4)
@@ -80,7 +83,7 @@ def test_fit_trains_each_member_and_bundles_the_ensemble(tmp_path, covid_ct_dir)
         want = (torch.sigmoid(m0(x)["logits"]) + torch.sigmoid(m1(x)["logits"])) / 2
         torch.testing.assert_close(torch.sigmoid(model(x)["logits"]), want, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(m0(x)["logits"], m1(x)["logits"])  # different seeds, different members
-    assert 0.0 <= bundle["validation"]["auc"] <= 1.0 and "youden_threshold" in bundle["validation"]
+    assert 0.0 <= bundle["validation"]["auc"] <= 1.0 and len(bundle["thresholds"]["diagnosis"]) == 1
     # A second call reuses the finished members instead of training them again.
     before = (tmp_path / "run" / "member_0" / "model.pt").stat().st_mtime
     fit(copy.deepcopy(cfg), tmp_path / "run", progress=False)

@@ -10,13 +10,16 @@ from chestdx.explain import (CAM_METHODS, bounding_box, box_iou, ct_lung_mask, d
                              explain, largest_component, localize, map_ssim, mask_iou, otsu_threshold, pointing_hit,
                              randomized_copy, sqrt_product, threshold_mask)
 from chestdx.explain.localization import summarise, xywh_box
-from chestdx.models import LADNN
+from chestdx.models import LADNN, get_entry
+from chestdx.tasks import Head
 
 SQUARE = (slice(20, 36), slice(36, 52))  # rows 20..35, columns 36..51 of a 64 x 64 image
 
 
 class SquareModel(nn.Module):
     """Sees only pixels brighter than 0.5: activation = relu(x - 0.5); logit = GAP(activation)."""
+
+    heads = [Head("diagnosis", "binary", ("class0", "class1"))]
 
     def __init__(self, dims: int = 2, stride: int = 1):
         super().__init__()
@@ -84,7 +87,7 @@ def test_ladnn_targets_each_lesion_head_and_refuses_unknown_names():
     torch.manual_seed(0)
     model = LADNN(pretrained=None).eval()
     x = torch.randn(3, 1, 64, 64)
-    names = dict(classes=("noncovid", "covid"), lesions=("GGO", "Csld", "CrPa", "AirBr", "InSepThi"))
+    names = dict(heads=get_entry("ladnn").heads)
     result = explain(model, x, "gradcam++", ["covid", "lesions"], **names)
     assert result.target_names == ["covid", "GGO", "Csld", "CrPa", "AirBr", "InSepThi"]
     assert result.maps.shape == (3, 6, 64, 64)
@@ -177,8 +180,8 @@ def test_deletion_drops_faster_than_insertion_for_the_right_map():
     x = square_image(1)
     right = explain(model, x, "gradcam", "class1").maps[:, 0]
     wrong = 1.0 - right  # attends everywhere but the square
-    good = deletion_insertion(model, x, right, [1], n_classes=2)
-    bad = deletion_insertion(model, x, wrong, [1], n_classes=2)
+    good = deletion_insertion(model, x, right, [1], model.heads)
+    bad = deletion_insertion(model, x, wrong, [1], model.heads)
     assert good["deletion_auc"][0] < good["insertion_auc"][0]
     assert good["deletion_auc"][0] < bad["deletion_auc"][0]
     assert good["insertion_auc"][0] > bad["insertion_auc"][0]

@@ -9,6 +9,7 @@ from chestdx.explain import explain
 from chestdx.models.magsd import MAGSD, attention_pooling, soft_distance_loss
 from chestdx.models.magsd_augment import (attention_dimming, attention_mixup, attention_patching, augment, pick_maps,
                                           region_box)
+from chestdx.tasks import Head
 
 
 @pytest.mark.parametrize("scales", [(7,), (7, 14), (7, 14, 28)])
@@ -137,9 +138,9 @@ def test_soft_distance_matches_algorithm_1_by_hand():
 
 def test_native_attention_maps_reach_the_explainer():
     model = MAGSD(pretrained=None).eval()
-    result = explain(model, torch.randn(2, 1, 64, 64), "native", "predicted",
-                     classes=("covid", "normal", "pneumonia"))
+    heads = [Head("diagnosis", "multiclass", ("covid", "normal", "pneumonia"))]
+    result = explain(model, torch.randn(2, 1, 64, 64), "native", "predicted", heads)
     assert result.maps.shape == (2, 1, 64, 64)
     assert result.probabilities.shape == (2, 3) and np.allclose(result.probabilities.sum(1), 1, atol=1e-5)
-    gradcam = explain(model, torch.randn(1, 1, 64, 64), "gradcam", "covid", classes=("covid", "normal", "pneumonia"))
+    gradcam = explain(model, torch.randn(1, 1, 64, 64), "gradcam", "covid", heads)
     assert gradcam.maps.shape == (1, 1, 64, 64)

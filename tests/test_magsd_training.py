@@ -14,29 +14,34 @@ from chestdx.evaluate.run import per_source
 from chestdx.models.magsd import soft_distance_loss
 from chestdx.models.magsd_augment import augment
 from chestdx.train.config import load_config
-from chestdx.train.module import ClassifierModule
+from chestdx.train.module import ChestDxModule
 from tests.test_cli import run
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
-def magsd_module(**magsd) -> ClassifierModule:
+def magsd_module(**magsd) -> ChestDxModule:
     cfg = load_config(ROOT / "configs" / "magsd_cxr.yaml", ["model.pretrained=null", "model.n_maps=4"])
-    cfg["magsd"].update(magsd)
+    cfg["method"].update(magsd)
     torch.manual_seed(0)
-    return ClassifierModule(cfg).eval()  # eval: no dropout, fixed BN, so passes can be recomputed
+    return ChestDxModule(cfg).eval()  # eval: no dropout, fixed BN, so passes can be recomputed
+
+
+def magsd_losses(module: ChestDxModule, x, y) -> dict:
+    """The registered MAG-SD method's training losses for one batch."""
+    return module.method.losses(module.model, {"image": x, "targets": {"diagnosis": y}}, None)
 
 
 def test_ablation_configs_change_one_thing_of_the_proposed_model():
     proposed = load_config(ROOT / "configs" / "magsd_cxr.yaml")
     l2 = load_config(ROOT / "configs" / "magsd_cxr_l2.yaml")
-    assert l2["magsd"]["regularization"] == "l2" and proposed["magsd"]["regularization"] == "soft"
-    assert {k: v for k, v in l2.items() if k not in ("name", "magsd")} == \
-        {k: v for k, v in proposed.items() if k not in ("name", "magsd")}
-    assert load_config(ROOT / "configs" / "magsd_cxr_aug_none.yaml")["magsd"]["augmentations"] == []
+    assert l2["method"]["regularization"] == "l2" and proposed["method"]["regularization"] == "soft"
+    assert {k: v for k, v in l2.items() if k not in ("name", "method")} == \
+        {k: v for k, v in proposed.items() if k not in ("name", "method")}
+    assert load_config(ROOT / "configs" / "magsd_cxr_aug_none.yaml")["method"]["augmentations"] == []
     assert load_config(ROOT / "configs" / "magsd_cxr_scales_7_14_28.yaml")["model"]["scales"] == [7, 14, 28]
     plain = load_config(ROOT / "configs" / "cxr_plain.yaml")
-    assert "scales" not in plain["model"] and "magsd" not in plain  # replaced, not merged
+    assert "scales" not in plain["model"] and plain["method"] == {}  # replaced, not merged
     assert plain["preprocess"] == proposed["preprocess"]
 
 
@@ -50,7 +55,7 @@ def test_a_config_whose_base_refers_back_to_itself_is_an_error(tmp_path):
 def test_magsd_step_is_cross_entropy_without_augmentations():
     module = magsd_module(augmentations=[])
     x, y = torch.randn(4, 1, 64, 64), torch.tensor([0, 1, 2, 1])
-    loss = module._magsd_losses(x, y)["loss"]
+    loss = magsd_losses(module, x, y)["loss"]
     assert torch.allclose(loss, F.cross_entropy(module.model(x)["logits"], y), atol=1e-6)
 
 
@@ -58,7 +63,7 @@ def test_magsd_step_regularizes_each_augmented_pass_made_from_the_raw_attention(
     module = magsd_module(augmentations=["mixup", "dimming"], regularization="soft")
     x, y = torch.randn(4, 1, 64, 64), torch.tensor([0, 1, 2, 1])
     torch.manual_seed(3)
-    got = module._magsd_losses(x, y)
+    got = magsd_losses(module, x, y)
     torch.manual_seed(3)
     raw = module.model(x)
     images = augment(x, raw["attention"], ["mixup", "dimming"])
@@ -72,7 +77,7 @@ def test_one_augmentation_per_step_runs_two_passes_instead_of_four():
     for per_step in (0, 1):
         module = magsd_module(augment_per_step=per_step)
         hook = module.model.classifier.register_forward_hook(lambda *_: calls.append(per_step))
-        module._magsd_losses(torch.randn(2, 1, 64, 64), torch.tensor([0, 2]))
+        magsd_losses(module, torch.randn(2, 1, 64, 64), torch.tensor([0, 2]))
         hook.remove()
     assert calls.count(0) == 4 and calls.count(1) == 2
 
@@ -105,7 +110,8 @@ def test_magsd_trains_evaluates_and_predicts_on_real_radiographs(tmp_path, cxr_c
          "--set", "train.epochs=1", "--set", "train.limit_per_split=24", "--set", "train.batch_size=8",
          "--set", "preprocess.size=64", "--set", "evaluate.bootstrap=20", "--set", "model.pretrained=null"], home)
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
-    assert metrics["classes"] == ["normal", "pneumonia", "covid"] and metrics["n_test"] == 308
+    assert metrics["task"] == "multiclass" and metrics["classes"] == ["normal", "pneumonia", "covid"]
+    assert metrics["n_test"] == 308
     assert np.sum(metrics["test"]["confusion_matrix"]) == 308
     assert set(metrics["test_by_source"]) == {"hannover", "ieee8023", "nih"}
     report = (run_dir / "eval" / "report.md").read_text()

@@ -79,7 +79,9 @@ def test_backbones_take_grey_input(backbone):
 def test_registry_metadata():
     assert {"ladnn", "covid_baseline"} <= set(list_models())
     entry = get_entry("ladnn")
-    assert entry.classes == ("noncovid", "covid") and len(entry.lesions) == 5
+    assert entry.classes == ("noncovid", "covid") and entry.primary == "diagnosis"
+    assert [(h.name, h.task, len(h.labels)) for h in entry.heads] == [("diagnosis", "binary", 2), ("lesions", "multilabel", 5)]
+    assert entry.method == "ladnn" and "n_lesions" not in entry.options()  # fixed by the entry, not an option
     baseline = create_model("covid_baseline", backbone="resnet18")
     assert baseline.lesion_head is None and "lesion_logits" not in baseline(torch.randn(1, 1, 64, 64))
     with pytest.raises(ChestDxError, match="unknown model"):
@@ -90,13 +92,14 @@ def test_bundle_round_trip(tmp_path):
     cfg = load_config(None, ["model.backbone=resnet18", "model.pretrained=none"])
     model = create_model("ladnn", backbone="resnet18").eval()
     bundle = make_bundle(model, cfg, data_fingerprint="abc", validation={"auc": 0.9})
-    bundle["threshold"] = 0.42
+    bundle["thresholds"] = {"diagnosis": [0.42]}
     path = save_bundle(bundle, tmp_path / "m.pt")
     loaded, meta = load_bundle(path)
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x)["logits"], model(x)["logits"])
-    assert meta["threshold"] == 0.42 and meta["data_fingerprint"] == "abc"
+    assert meta["thresholds"] == {"diagnosis": [0.42]} and meta["data_fingerprint"] == "abc"
+    assert [h["name"] for h in meta["heads"]] == ["diagnosis", "lesions"] and meta["primary"] == "diagnosis"
     assert meta["classes"] == ["noncovid", "covid"] and meta["preprocess"]["mean"] == pytest.approx(0.449, abs=1e-3)
     assert meta["config"]["model"]["backbone"] == "resnet18"
     (tmp_path / "junk.pt").write_bytes(b"not a model")
@@ -107,7 +110,6 @@ def test_bundle_round_trip(tmp_path):
 def test_predictor_averages_the_configured_test_views(tmp_path):
     from chestdx.data.transforms import tta_views
     from chestdx.inference import Predictor
-    from chestdx.train.module import class_probabilities
 
     cfg = load_config(None, ["model.backbone=resnet18", "model.pretrained=none", "evaluate.tta_scales=[1.0,0.8]"])
     torch.manual_seed(0)
@@ -117,19 +119,19 @@ def test_predictor_averages_the_configured_test_views(tmp_path):
     x = torch.randn(3, 1, 64, 64)
     with torch.no_grad():
         views = tta_views(x, True, [1.0, 0.8])
-        expected = torch.stack([class_probabilities(model(v)["logits"]) for v in views]).mean(0)
-        mirror_only = torch.stack([class_probabilities(model(v)["logits"]) for v in views[:2]]).mean(0)
-    got = predictor.predict_tensor(x)["probability"]
+        expected = torch.stack([torch.sigmoid(model(v)["logits"]) for v in views]).mean(0)
+        mirror_only = torch.stack([torch.sigmoid(model(v)["logits"]) for v in views[:2]]).mean(0)
+    got = predictor.predict_tensor(x)["diagnosis"]
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-6)
     assert not np.allclose(got, mirror_only.numpy(), atol=1e-6)  # the 0.8 views count
 
 
 def test_freeze_stages_trains_only_later_layers():
     from chestdx.models.backbones import frozen_modules
-    from chestdx.train.module import ClassifierModule
+    from chestdx.train.module import ChestDxModule
 
     cfg = load_config(None, ["model.pretrained=none", "train.freeze_stages=2"])
-    module = ClassifierModule(cfg).train()
+    module = ChestDxModule(cfg).train()
     backbone = module.model.backbone
     assert frozen_modules(backbone, 2) == ["conv_stem", "bn1", "blocks.0", "blocks.1"]
     before = {k: v.clone() for k, v in module.model.state_dict().items()}

@@ -56,8 +56,11 @@ def test_covid_ct_manifest_matches_its_readme(covid_ct_dir):
     assert m.classes == ("noncovid", "covid")
     counts = {s: len(m.subset(s)) for s in ("train", "val", "test")}
     assert counts == {"train": 425, "val": 118, "test": 203}
-    values, known = m.extra()
-    targets = m.targets()
+    from chestdx.models.ladnn import DIAGNOSIS, LESION_HEAD
+
+    values, known = m.head_targets(LESION_HEAD)
+    targets, known_diagnosis = m.head_targets(DIAGNOSIS)
+    assert known_diagnosis.all() and values.shape == (746, 5)
     assert known[targets == 0].sum() == 0  # negatives: lesions unknown, never "absent"
     assert known[targets == 1].mean() > 0.9
     assert m.fingerprint() == m.fingerprint() and len(m.fingerprint()) == 16

@@ -45,6 +45,8 @@ def train(
         _cross_validate(cfg, run_dir, folds, install)
         return
     model_path = fit(cfg, run_dir, progress=sys.stderr.isatty())
+    if model_path is None:  # a DDP worker process: rank 0 reports
+        return
     console.print(f"model: {model_path}")
     if install:
         _install(model_path)
@@ -85,7 +87,15 @@ def _evaluate(model_path, out, dataset, bootstrap):
     from chestdx.evaluate.run import evaluate_bundle
 
     metrics = evaluate_bundle(model_path, out, dataset=dataset, n_boot=bootstrap)
-    if "classes" in metrics:  # multi-class
+    if metrics["task"] == "multilabel":
+        t = metrics["test"]
+        ci = t.get("macro_auc_ci") or [None, None]
+        span = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else ""
+        console.print(f"test mean AUC over {len(t['estimable_labels'])} estimable labels {t['macro_auc']:.3f}{span}  "
+                      f"macro sensitivity {t['macro_sensitivity']:.3f}  macro specificity {t['macro_specificity']:.3f}")
+        console.print(f"report: {Path(out) / 'report.html'}")
+        return
+    if metrics["task"] == "multiclass":
         t = metrics["test"]
         console.print(f"test accuracy {t['accuracy']:.3f} [{t['accuracy_ci'][0]:.3f}, {t['accuracy_ci'][1]:.3f}]  "
                       f"macro AUC {t['macro_auc']:.3f}  macro F1 {t['macro_f1']:.3f}  "
@@ -137,9 +147,13 @@ def _write_predictions(rows, out: Path):
 
     flat = []
     for r in rows:
-        item = {"path": r["path"], "prediction": r["prediction"], "threshold": r["threshold"]}
+        prediction = r["prediction"]
+        item = {"path": r["path"], "prediction": "|".join(prediction) if isinstance(prediction, list) else prediction,
+                "threshold": r["threshold"] if not isinstance(r["threshold"], dict) else None}
         item.update({f"p_{k}": v for k, v in r["probabilities"].items()})
-        item.update({f"p_{k}": v for k, v in r.get("lesions", {}).items()})
+        for key, value in r.items():  # the other heads' probabilities (e.g. LA-DNN's lesions)
+            if key not in ("path", "probabilities", "prediction", "threshold") and isinstance(value, dict):
+                item.update({f"p_{k}": v for k, v in value.items()})
         flat.append(item)
     write_text_atomic(out, pd.DataFrame(flat).to_csv(index=False, float_format="%.5f"))
 
@@ -301,11 +315,13 @@ def models():
     from chestdx.models import BACKBONES, get_entry, list_models
 
     table = Table(title="chestdx models")
-    for col in ("name", "modality", "classes", "lesions", "description"):
+    for col in ("name", "modality", "sample", "heads (task: labels; * primary)", "method", "description"):
         table.add_column(col)
     for name in list_models():
         e = get_entry(name)
-        table.add_row(name, e.modality, ", ".join(e.classes), ", ".join(e.lesions) or "-", e.description)
+        heads = "\n".join(f"{'*' if h.name == e.primary else ''}{h.name} ({h.task}): {', '.join(h.labels)}"
+                          for h in e.heads)
+        table.add_row(name, e.modality, f"{e.sample} {e.spatial_dims}D", heads, e.method, e.description)
     console.print(table)
     console.print("backbones: " + ", ".join(f"{k} ({v.timm_name})" for k, v in sorted(BACKBONES.items())))
     from chestdx.settings import default_model_path

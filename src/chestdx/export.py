@@ -1,9 +1,10 @@
 """Export a model bundle to ONNX for fast inference, with its metadata in a JSON file beside it.
 
-`model.onnx` takes the preprocessed image (B, 1, H, W) and returns the raw outputs (`logits`,
-and `lesion_logits` where the model has a lesion head); `model.json` carries everything else a
-user of the model needs (classes, lesions, preprocessing, operating threshold, validation
-metrics), so an ONNX model can be served without PyTorch.
+`model.onnx` takes the preprocessed sample (B, C, *spatial: an image, a volume or a slice
+sequence, as the bundle's sample kind says) and returns the raw output of each head (e.g.
+`logits` and `lesion_logits` for LA-DNN); `model.json` carries everything else a user of the
+model needs (heads, preprocessing, operating thresholds, validation metrics), so an ONNX model
+can be served without PyTorch.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import torch
 
 from chestdx.errors import ChestDxError
 from chestdx.models.bundle import load_bundle
+from chestdx.tasks import heads_from
 from chestdx.utils import atomic_path, write_json_atomic
 
-METADATA_KEYS = ("registry_name", "model_kwargs", "classes", "lesions", "modality", "preprocess", "tta", "tta_scales",
-                 "threshold", "validation", "data_fingerprint", "best_epoch")
-ONNX_FORMAT = "chestdx-onnx-v1"
+METADATA_KEYS = ("registry_name", "model_kwargs", "heads", "primary", "classes", "sample", "spatial_dims", "modality",
+                 "preprocess", "tta", "tta_scales", "thresholds", "validation", "data_fingerprint", "best_epoch")
+ONNX_FORMAT = "chestdx-onnx-v2"
 
 
 class _Outputs(torch.nn.Module):
@@ -36,10 +38,15 @@ class _Outputs(torch.nn.Module):
         return tuple(out[name] for name in self.names)
 
 
-def output_names(model, size: int) -> list[str]:
-    with torch.no_grad():
-        out = model(torch.zeros(1, 1, size, size))
-    return [name for name in ("logits", "lesion_logits") if name in out]
+def input_shape(bundle: dict) -> list[int]:
+    """(1, C, *spatial) of the bundle's preprocessed sample: C = the slices of a sequence, else the
+    preprocessing's channels; each spatial side the preprocessing's size."""
+    pre = bundle["preprocess"]
+    dims = int(bundle.get("spatial_dims", 2))
+    size = pre.get("size", 224)
+    spatial = list(size) if isinstance(size, (list, tuple)) else [int(size)] * dims
+    channels = int(pre.get("sequence_length", 16)) if bundle.get("sample") == "sequence" else int(pre.get("channels", 1))
+    return [1, channels, *spatial]
 
 
 def metadata_path(onnx_path) -> Path:
@@ -50,17 +57,17 @@ def export_onnx(bundle_path, out_path=None, opset: int = 17) -> Path:
     """Write `<out>.onnx` and `<out>.json`; returns the ONNX path. Dynamic batch size."""
     model, bundle = load_bundle(bundle_path)
     out_path = Path(out_path) if out_path else Path(bundle_path).with_suffix(".onnx")
-    size = int(bundle["preprocess"].get("size", 224))
-    names = output_names(model, size)
+    shape = input_shape(bundle)
+    names = [h.output for h in heads_from(bundle)]
     wrapper = _Outputs(model, names).eval()
-    example = torch.zeros(1, 1, size, size)
+    example = torch.zeros(*shape)
     with atomic_path(out_path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
         # The TorchScript exporter takes seconds where the dynamo one takes tens of seconds here.
         torch.onnx.export(wrapper, (example,), str(tmp), input_names=["image"], output_names=names,
                           dynamic_axes={"image": {0: "batch"}, **{n: {0: "batch"} for n in names}},
                           opset_version=opset, dynamo=False)
-    meta = {"format": ONNX_FORMAT, "outputs": names, "input": {"name": "image", "shape": [None, 1, size, size]},
+    meta = {"format": ONNX_FORMAT, "outputs": names, "input": {"name": "image", "shape": [None, *shape[1:]]},
             **{k: bundle[k] for k in METADATA_KEYS if k in bundle}, "source": Path(bundle_path).name}
     write_json_atomic(metadata_path(out_path), meta)
     return out_path

@@ -1,4 +1,4 @@
-"""Inference with a model bundle: files or arrays in, class and lesion probabilities out."""
+"""Inference with a model bundle: files or arrays in, each head's probabilities out."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from chestdx.data.io import read_image
 from chestdx.data.transforms import build_pipeline, tta_views
 from chestdx.errors import InputError
-from chestdx.models.bundle import load_bundle
-from chestdx.train.module import class_probabilities
+from chestdx.models.bundle import load_bundle, primary_head, thresholds
+from chestdx.tasks import heads_from
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""}
 
@@ -29,59 +29,74 @@ class Predictor:
         else:
             self.model, self.bundle = load_bundle(bundle_path)
             self.backend = "pytorch"
-        self.load_steps, self.sample_steps = build_pipeline(self.bundle["preprocess"], train=False)
-        self.threshold = float(self.bundle.get("threshold", 0.5))
+        self.heads = heads_from(self.bundle)
+        self.primary = primary_head(self.bundle)
+        self.spatial_dims = int(self.bundle.get("spatial_dims", 2))
+        self.load_steps, self.sample_steps = build_pipeline(self.bundle["preprocess"], train=False,
+                                                            spatial_dims=self.spatial_dims)
+        self.thresholds = {h.name: thresholds(self.bundle, h) for h in self.heads}
         self.tta = bool(self.bundle.get("tta", False))
         self.tta_scales = [float(s) for s in self.bundle.get("tta_scales", [1.0])]
 
+    @property
+    def explain_heads(self) -> list:
+        """The heads in score-column order for the explainer: the primary head first."""
+        return sorted(self.heads, key=lambda h: h.name != self.primary.name)
+
+    @property
+    def threshold(self) -> float | None:
+        """The primary head's operating threshold (binary heads; None otherwise)."""
+        return self.thresholds[self.primary.name][0] if self.primary.task == "binary" else None
+
     def prepare(self, gray: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
         """(the image on the model's grid in [0, 1], for overlays; the model input (1, 1, H, W))."""
-        shown = self.load_steps(gray)
-        return shown, torch.from_numpy(np.ascontiguousarray(self.sample_steps(shown)))[None, None]
+        shown = self.load_steps({"image": gray[None]})["image"]
+        x = self.sample_steps({"image": shown})["image"]
+        return shown[0], torch.from_numpy(np.ascontiguousarray(x))[None]
 
     def preprocess(self, gray: np.ndarray) -> torch.Tensor:
         return self.prepare(gray)[1]
 
     @torch.no_grad()
     def predict_tensor(self, x: torch.Tensor) -> dict:
-        """x: (B, 1, H, W), preprocessed. Returns numpy probabilities: `probability` (B,) of the positive
-        class for a binary model, (B, K) over the classes otherwise; `lesions` (B, 5) for LA-DNN."""
-        covid, lesions = [], []
+        """x: a preprocessed batch. Returns numpy probabilities per head name: (B,) of the positive class
+        for a binary head, (B, K) over the classes of a multi-class head, (B, L) for a multi-label head."""
+        per_head = {h.name: [] for h in self.heads}
         for view in tta_views(x, self.tta, self.tta_scales):
             out = self.model(view)
-            covid.append(class_probabilities(out["logits"]))
-            if "lesion_logits" in out:
-                lesions.append(torch.sigmoid(out["lesion_logits"]))
-        result = {"probability": torch.stack(covid).mean(0).numpy()}
-        if lesions:
-            result["lesions"] = torch.stack(lesions).mean(0).numpy()
-        return result
+            for h in self.heads:
+                per_head[h.name].append(h.kind.probabilities(out[h.output]))
+        return {name: torch.stack(p).mean(0).numpy() for name, p in per_head.items()}
 
     def predict_source(self, source, name: str | None = None) -> dict:
         image = read_image(source, name=name)
         if image.meta.get("frames", 1) > 1:
             raise InputError(name or source, f"{image.meta['frames']}-frame DICOM given to a 2D model; send one slice")
         out = self.predict_tensor(self.preprocess(image.to_gray()))
-        return self.describe(out["probability"][0], out.get("lesions", [None])[0])
+        return self.describe({k: v[0] for k, v in out.items()})
 
-    @property
-    def multiclass(self) -> bool:
-        return len(self.bundle["classes"]) > 2
-
-    def describe(self, p, lesions=None) -> dict:
-        """p: the positive-class probability (binary) or the class probability vector."""
-        classes = self.bundle["classes"]
-        if self.multiclass:
-            probs = {name: float(v) for name, v in zip(classes, np.asarray(p))}
-            return {"probabilities": probs, "prediction": max(probs, key=probs.get), "threshold": None}
-        p = float(p)
-        result = {
-            "probabilities": {classes[0]: 1 - p, classes[1]: p},
-            "prediction": classes[1] if p >= self.threshold else classes[0],
-            "threshold": self.threshold,
-        }
-        if lesions is not None:
-            result["lesions"] = {name: float(v) for name, v in zip(self.bundle["lesions"], lesions)}
+    def describe(self, probs: dict) -> dict:
+        """One image's head probabilities as a verdict: the primary head's probabilities and decision
+        (at its validation threshold), and each other head's probabilities under its name."""
+        head = self.primary
+        p = np.asarray(probs[head.name])
+        if head.task == "binary":
+            p = float(p)
+            result = {"probabilities": {head.labels[0]: 1 - p, head.labels[1]: p},
+                      "prediction": head.labels[int(p >= self.threshold)], "threshold": self.threshold}
+        elif head.task == "multiclass":
+            result = {"probabilities": {n: float(v) for n, v in zip(head.labels, p)},
+                      "prediction": head.labels[int(p.argmax())], "threshold": None}
+        else:
+            t = self.thresholds[head.name]
+            result = {"probabilities": {n: float(v) for n, v in zip(head.labels, p)},
+                      "prediction": [n for n, v, tj in zip(head.labels, p, t) if v >= tj],
+                      "threshold": dict(zip(head.labels, t))}
+        for other in self.heads:
+            if other.name != head.name:
+                values = np.atleast_1d(np.asarray(probs[other.name], dtype=float))
+                labels = other.labels if other.task != "binary" else other.labels[1:]
+                result[other.name] = {n: float(v) for n, v in zip(labels, values)}
         return result
 
 

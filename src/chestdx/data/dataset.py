@@ -1,31 +1,91 @@
-"""A torch Dataset over a manifest, with the decoded and resized images cached in memory.
+"""A torch Dataset over a manifest: channel-first dict samples for the heads of a model.
 
-Decoding and resizing are deterministic, so they run once; augmentation runs per sample with
-a generator seeded by (seed, epoch, index), which makes every epoch reproducible.
+A sample is `{"image": (C, *spatial) float32, "targets": {head: ...}, "known": {head: ...},
+"index": i}` plus `mask` (1, *spatial) where the manifest has a `mask` column. What `image` is
+follows the model's sample kind: a 2D image (1, H, W), a 3D volume (1, D, H, W), or a slice
+sequence (S, H, W) with the slices as channels.
+
+Decoding and the deterministic load steps (resize, CLAHE, windowing) run once per file and are
+kept by an `ArrayStore` in memory, on disk or not at all (`data.cache`); augmentation runs per
+sample with a generator seeded by (seed, epoch, index), so every epoch replays exactly, with any
+number of DataLoader workers.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from chestdx.data.cache import ArrayStore
 from chestdx.data.io import read_image
 from chestdx.data.manifest import Manifest
 from chestdx.data.transforms import Compose
 
 
+def read_image_channels(path) -> np.ndarray:
+    """A 2D image file as (1, H, W) grey pixels in [0, 1]."""
+    return read_image(path).to_gray()[None]
+
+
+def read_volume_channels(path) -> np.ndarray:
+    """A volume (DICOM series folder, NIfTI, slice folder) as (1, D, H, W)."""
+    from chestdx.data.volumes import read_volume
+
+    return read_volume(path).array[None]
+
+
+class SequenceReader:
+    """`length` evenly spaced slices of a volume as channels (S, H, W) (ResNet50-ATT2 draws 16)."""
+
+    def __init__(self, length: int = 16):
+        self.length = int(length)
+
+    def __call__(self, path) -> np.ndarray:
+        from chestdx.data.volumes import draw_sequence, read_volume
+
+        return draw_sequence(read_volume(path), self.length).array
+
+
+def reader_for(sample_kind: str, sequence_length: int = 16):
+    return {"image": read_image_channels, "volume": read_volume_channels,
+            "sequence": SequenceReader(sequence_length)}[sample_kind]
+
+
+class _Loaded:
+    """Picklable: read a file, run the keyed load steps on it, return that field's array."""
+
+    def __init__(self, read, load_steps: Compose, key: str):
+        self.read, self.load_steps, self.key = read, load_steps, key
+
+    def __call__(self, path) -> np.ndarray:
+        pixels = self.read(path)
+        if self.key == "mask":
+            pixels = (pixels > 0.5).astype(np.float32)
+        return self.load_steps({self.key: pixels})[self.key]
+
+
 class ManifestDataset(Dataset):
-    def __init__(self, manifest: Manifest, load_steps: Compose, sample_steps: Compose, seed: int = 0,
-                 progress: bool = False):
+    def __init__(self, manifest: Manifest, heads, load_steps: Compose, sample_steps: Compose, seed: int = 0,
+                 progress: bool = False, cache: str = "memory", cache_dir=None, settings: dict | None = None,
+                 read=read_image_channels):
         self.manifest = manifest
+        self.heads = list(heads)
         self.sample_steps = sample_steps
         self.seed = seed
         self.epoch = 0
-        self.targets = manifest.targets()
-        self.extra, self.extra_known = manifest.extra()
+        self.targets = {h.name: manifest.head_targets(h) for h in self.heads}
         self.patients = manifest.patients()
-        self.images = _load_all(manifest.paths(), load_steps, progress)
+        key = json.dumps({"settings": settings or {}, "load": repr(load_steps)}, sort_keys=True, default=str)
+        self.images = ArrayStore(manifest.paths(), _Loaded(read, load_steps, "image"), mode=cache,
+                                 cache_dir=cache_dir, settings_key=key, progress=progress)
+        self.masks = None
+        if "mask" in manifest.frame.columns:
+            self.masks = ArrayStore(manifest.paths("mask"), _Loaded(read, load_steps, "mask"), mode=cache,
+                                    cache_dir=cache_dir, settings_key=key + "mask", progress=progress,
+                                    description="Reading masks")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -35,20 +95,16 @@ class ManifestDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        image = self.sample_steps(self.images[index], rng)
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(image))[None],
-            "target": torch.tensor(self.targets[index]),
-            "lesions": torch.from_numpy(self.extra[index]),
-            "lesion_mask": torch.from_numpy(self.extra_known[index]),
-            "index": index,
-        }
+        sample = {"image": self.images[index]}
+        if self.masks is not None:
+            sample["mask"] = self.masks[index]
+        sample = self.sample_steps(sample, rng)
+        out = {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in sample.items()}
+        out["targets"] = {name: torch.tensor(values[index]) for name, (values, _) in self.targets.items()}
+        out["known"] = {name: torch.tensor(known[index]) for name, (_, known) in self.targets.items()}
+        out["index"] = index
+        return out
 
-
-def _load_all(paths, load_steps: Compose, progress: bool) -> list[np.ndarray]:
-    iterator = paths
-    if progress:
-        from rich.progress import track
-
-        iterator = track(paths, description="Reading images", transient=True)
-    return [load_steps(read_image(p).to_gray()) for p in iterator]
+    def head_arrays(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(values, known) of one head over the whole dataset, for metrics."""
+        return self.targets[name]

@@ -59,7 +59,32 @@ DATASETS = {
 }
 
 
-def get_dataset(name: str) -> DatasetInfo:
+@dataclass(frozen=True)
+class ManifestFile:
+    """A user's own data: `dataset: path/to/manifest.csv` in a config (the manifest contract of
+    chestdx.data.manifest; labels are read by the model's heads)."""
+
+    path: str
+    description: str = "a manifest file"
+    modality: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.path
+
+    def folder(self) -> Path:
+        return Path(self.path).parent
+
+    def manifest(self) -> Manifest:
+        return Manifest.from_csv(self.path)
+
+
+def get_dataset(name: str) -> DatasetInfo | ManifestFile:
+    """A named dataset, or a manifest file given by its path (ending in .csv)."""
+    if str(name).endswith(".csv"):
+        if not Path(name).is_file():
+            raise ChestDxError(f"{name}: manifest not found")
+        return ManifestFile(str(name))
     if name not in DATASETS:
         raise ChestDxError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
     return DATASETS[name]

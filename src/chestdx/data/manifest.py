@@ -74,22 +74,36 @@ class Manifest:
         return Manifest(self.frame.iloc[list(indices)].reset_index(drop=True), self.root, self.label_column,
                         self.classes, self.extra_labels)
 
-    def paths(self) -> list[Path]:
-        return [p if p.is_absolute() else self.root / p for p in map(Path, self.frame["path"])]
+    def paths(self, column: str = "path") -> list[Path]:
+        """The files of a path column (`path`, or e.g. `mask`), relative ones under the manifest's folder."""
+        return [p if p.is_absolute() else self.root / p for p in map(Path, self.frame[column])]
 
-    def targets(self) -> np.ndarray:
-        """Class index per row, in the order of `classes`."""
-        lookup = {c: i for i, c in enumerate(self.classes)}
-        return self.frame[self.label_column].astype(str).map(lookup).to_numpy(dtype=np.int64)
+    def head_targets(self, head) -> tuple[np.ndarray, np.ndarray]:
+        """(values, known) for one model head (chestdx.tasks.Head).
 
-    def extra(self) -> tuple[np.ndarray, np.ndarray]:
-        """(values, known-mask) for the extra label columns; unknown cells are 0 with mask 0."""
-        if not self.extra_labels:
-            n = len(self.frame)
-            return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.float32)
-        values = self.frame[list(self.extra_labels)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float32)
-        known = ~np.isnan(values)
-        return np.nan_to_num(values, nan=0.0), known.astype(np.float32)
+        A binary or multi-class head reads its `column` as class names in the head's label order:
+        values (N,) int64, known (N,) float32 (an empty cell is unknown). A multi-label head reads
+        one column per label (1/0, empty = unknown): values and known (N, L) float32."""
+        if head.task == "multilabel":
+            missing = [c for c in head.labels if c not in self.frame.columns]
+            if missing:
+                raise ChestDxError(f"manifest has no column(s) {', '.join(missing)} for head {head.name!r}")
+            values = self.frame[list(head.labels)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float32)
+            known = ~np.isnan(values)
+            return np.nan_to_num(values, nan=0.0), known.astype(np.float32)
+        if head.column not in self.frame.columns:
+            raise ChestDxError(f"manifest has no column {head.column!r} for head {head.name!r}")
+        cells = self.frame[head.column]
+        known = cells.notna().to_numpy()
+        lookup = {c: i for i, c in enumerate(head.labels)}
+        names = cells[known].astype(str)
+        unknown = sorted(set(names) - set(lookup))
+        if unknown:
+            raise ChestDxError(f"manifest column {head.column!r}: labels {unknown} are not among head "
+                               f"{head.name!r}'s labels {list(head.labels)}")
+        values = np.zeros(len(cells), np.int64)
+        values[known] = names.map(lookup).to_numpy(dtype=np.int64)
+        return values, known.astype(np.float32)
 
     def patients(self) -> np.ndarray:
         return self.frame["patient_id"].astype(str).to_numpy()

@@ -135,3 +135,59 @@ def evaluate_binary(y_true, prob, groups, threshold: float, n_boot: int = 1000, 
         out[tag] = {k: v for k, v in point.items()}
         out[tag].update({f"{k}_ci": cis[k] for k in cis if k != "threshold"})
     return out
+
+
+def multilabel_metrics(y_true, prob, known, labels, thresholds, min_positives: int = 10) -> dict:
+    """Per label (over the images whose label is known): AUC, and sensitivity, specificity, F1 at
+    that label's threshold, with its positives; the means over the estimable labels (at least
+    `min_positives` positives and one negative) as `macro_*`, the others marked not estimable
+    instead of averaged in silently (AG-CNN's Table I reports the plain mean)."""
+    y, p = np.asarray(y_true, dtype=float), np.asarray(prob, dtype=float)
+    k = np.ones_like(y, dtype=bool) if known is None else np.asarray(known, dtype=bool)
+    per_label = {}
+    for j, name in enumerate(labels):
+        rows = k[:, j]
+        yj, pj = y[rows, j].astype(int), p[rows, j]
+        positives, negatives = int(yj.sum()), int(len(yj) - yj.sum())
+        m = binary_metrics(yj, pj, float(thresholds[j])) if len(yj) else {}
+        per_label[name] = {
+            "auc": m.get("auc", float("nan")) if positives and negatives else float("nan"),
+            "sensitivity": m.get("sensitivity", float("nan")), "specificity": m.get("specificity", float("nan")),
+            "f1": m.get("f1", float("nan")), "threshold": float(thresholds[j]),
+            "positives": positives, "negatives": negatives,
+            "estimable": positives >= min_positives and negatives > 0,
+        }
+    estimable = [n for n in labels if per_label[n]["estimable"]]
+    out = {key: float(np.nanmean([per_label[n][key] for n in estimable])) if estimable else float("nan")
+           for key in ("auc", "sensitivity", "specificity", "f1")}
+    out = {f"macro_{k}": v for k, v in out.items()}
+    out["estimable_labels"] = estimable
+    out["per_label"] = per_label
+    return out
+
+
+def evaluate_multilabel(y_true, prob, known, groups, labels, thresholds, n_boot: int = 1000, seed: int = 0,
+                        min_positives: int = 10) -> dict:
+    """`multilabel_metrics` with patient-bootstrap 95% CIs of each label's AUC and of the macro values."""
+    point = multilabel_metrics(y_true, prob, known, labels, thresholds, min_positives)
+    if not n_boot:
+        return point
+    y, p = np.asarray(y_true, dtype=float), np.asarray(prob, dtype=float)
+    k = np.ones_like(y, dtype=bool) if known is None else np.asarray(known, dtype=bool)
+    estimable = set(point["estimable_labels"])
+    samples: dict[str, list] = {}
+    for idx in patient_resamples(groups, n_boot, seed):
+        aucs = {}
+        for j, name in enumerate(labels):
+            rows = idx[k[idx, j]]
+            yj = y[rows, j]
+            aucs[name] = float(roc_auc_score(yj, p[rows, j])) if len(np.unique(yj)) == 2 else np.nan
+            samples.setdefault(name, []).append(aucs[name])
+        macro = [aucs[n] for n in labels if n in estimable and np.isfinite(aucs[n])]
+        samples.setdefault("macro_auc", []).append(float(np.mean(macro)) if macro else np.nan)
+    finite = {key: v for key, v in samples.items() if np.isfinite(v).any()}
+    cis = _percentiles(finite, 0.05)
+    point["macro_auc_ci"] = cis.get("macro_auc", [None, None])
+    for name in labels:
+        point["per_label"][name]["auc_ci"] = cis.get(name, [None, None])
+    return point

@@ -16,7 +16,7 @@ def _fmt(metrics: dict, key: str) -> str:
         return "-"
     ci = metrics.get(f"{key}_ci")
     text = f"{100 * value:.1f}"
-    return f"{text} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else text
+    return f"{text} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci and ci[0] is not None else text
 
 
 def report_markdown(metrics: dict, config: dict) -> str:
@@ -38,8 +38,8 @@ def report_markdown(metrics: dict, config: dict) -> str:
                      f"{'-' if paper_value is None else f'{paper_value:.1f}'} |")
     if config.get("paper", {}).get("source"):
         lines += ["", f"Paper figures: {config['paper']['source']}."]
-    if "test_lesions" in metrics:
-        les = metrics["test_lesions"]
+    for key in (k for k in metrics if k.startswith("test_") and "lesion_n" in (metrics[k] or {})):
+        les = metrics[key]
         lines += ["", f"Lesion head on the {les['lesion_n']} test images with known lesion labels: "
                       f"accuracy {100 * les['lesion_accuracy']:.1f}%, Hamming loss {les['hamming_loss']:.3f}."]
     if "shortcut_probe" in metrics:
@@ -100,9 +100,46 @@ def report_multiclass_markdown(metrics: dict, config: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_multilabel_markdown(metrics: dict, config: dict) -> str:
+    test = metrics["test"]
+    paper = config.get("paper", {}).get("results", {})
+    lines = [
+        f"# {config.get('name', 'chestdx')}: {metrics['model']} ({metrics['backbone']}) on {metrics['dataset']}",
+        "",
+        f"Test split: {metrics['n_test']} images of {metrics['n_test_patients']} patients; one sigmoid per label, "
+        "each decided at its threshold chosen on validation (Youden's J). Model selected on validation only; test set "
+        "reported once. 95% CIs by bootstrap over patients. A label with fewer than 10 test positives is not "
+        "estimable and is left out of the mean.",
+        "",
+        f"Mean AUC over the {len(test['estimable_labels'])} estimable labels: {_fmt(test, 'macro_auc')}",
+        "",
+        "| label | test positives | AUC (%) [95% CI] | sensitivity | specificity | F1 | paper AUC |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, m in test["per_label"].items():
+        auc = _fmt(m, "auc") if m["estimable"] and m.get("auc_ci", [None])[0] is not None else (
+            "not estimable" if not m["estimable"] else _fmt({"auc": m["auc"]}, "auc"))
+        paper_value = paper.get(name)
+        lines.append(f"| {name} | {m['positives']} | {auc} | {_pct(m['sensitivity'])} | {_pct(m['specificity'])} | "
+                     f"{_pct(m['f1'])} | {'-' if paper_value is None else f'{paper_value:.1f}'} |")
+    if config.get("paper", {}).get("source"):
+        lines += ["", f"Paper figures: {config['paper']['source']}."]
+    lines += ["", "## Figures", "", "![ROC](roc.png)", "",
+              "Per-image predictions: `predictions_test.csv`; all numbers: `metrics.json`.", "",
+              "Research use only; not for diagnosis."]
+    return "\n".join(lines) + "\n"
+
+
+def _pct(value) -> str:
+    return "-" if value is None or value != value else f"{100 * value:.1f}"
+
+
+REPORTS = {"binary": report_markdown, "multiclass": report_multiclass_markdown, "multilabel": report_multilabel_markdown}
+
+
 def write_report(metrics: dict, config: dict, out_dir) -> None:
     out_dir = Path(out_dir)
-    md = report_multiclass_markdown(metrics, config) if "classes" in metrics else report_markdown(metrics, config)
+    md = REPORTS[metrics["task"]](metrics, config)
     write_text_atomic(out_dir / "report.md", md)
     write_text_atomic(out_dir / "report.html", markdown_to_html(md))
 

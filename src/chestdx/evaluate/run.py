@@ -12,7 +12,8 @@ import torch
 from chestdx.data.dataset import ManifestDataset
 from chestdx.data.datasets import get_dataset
 from chestdx.data.transforms import Compose, build_pipeline
-from chestdx.evaluate.metrics import evaluate_binary, evaluate_multiclass, lesion_metrics, multiclass_metrics
+from chestdx.evaluate.metrics import (evaluate_binary, evaluate_multiclass, evaluate_multilabel, lesion_metrics,
+                                     multiclass_metrics)
 from chestdx.evaluate.plots import plot_confusion, plot_pr, plot_roc
 from chestdx.evaluate.report import write_report
 from chestdx.inference import Predictor
@@ -20,35 +21,37 @@ from chestdx.utils import atomic_path, write_json_atomic
 
 
 def predict_split(predictor: Predictor, manifest, extra_load_steps=(), batch_size: int = 32) -> dict:
-    load, sample = build_pipeline(predictor.bundle["preprocess"], train=False)
+    """Each head's probabilities and targets on one split (probabilities under `probs[head]`)."""
+    load, sample = build_pipeline(predictor.bundle["preprocess"], train=False, spatial_dims=predictor.spatial_dims)
     load = Compose([*extra_load_steps, *load.steps])
-    data = ManifestDataset(manifest, load, sample)
-    probs, lesions = [], []
+    data = ManifestDataset(manifest, predictor.heads, load, sample)
+    chunks = {h.name: [] for h in predictor.heads}
     for start in range(0, len(data), batch_size):
         x = torch.stack([data[i]["image"] for i in range(start, min(len(data), start + batch_size))])
-        out = predictor.predict_tensor(x)
-        probs.append(out["probability"])
-        if "lesions" in out:
-            lesions.append(out["lesions"])
-    return {
-        "prob": np.concatenate(probs),
-        "lesions": np.concatenate(lesions) if lesions else None,
-        "y": data.targets,
-        "lesion_y": data.extra,
-        "lesion_known": data.extra_known,
+        for name, p in predictor.predict_tensor(x).items():
+            chunks[name].append(p)
+    primary = predictor.primary.name
+    out = {
+        "probs": {name: np.concatenate(c) for name, c in chunks.items()},
+        "targets": {h.name: data.head_arrays(h.name) for h in predictor.heads},
         "patients": data.patients,
         "paths": list(manifest.frame["path"]),
         "sources": list(manifest.frame["source"]) if "source" in manifest.frame.columns else None,
     }
+    out["prob"], (out["y"], out["known"]) = out["probs"][primary], out["targets"][primary]
+    return out
 
 
 class JPEGRecode:
-    """Load-time step: every image re-encoded as JPEG (quality 75), as a shortcut probe."""
+    """Load-time step: every image (each channel) re-encoded as JPEG (quality 75), as a shortcut probe."""
 
-    def __call__(self, image, rng=None):
-        u8 = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
-        _, buf = cv2.imencode(".jpg", u8, [cv2.IMWRITE_JPEG_QUALITY, 75])
-        return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255
+    keys = ("image",)
+
+    def __call__(self, sample, rng=None):
+        u8 = np.clip(sample["image"] * 255 + 0.5, 0, 255).astype(np.uint8)
+        channels = [cv2.imdecode(cv2.imencode(".jpg", c, [cv2.IMWRITE_JPEG_QUALITY, 75])[1], cv2.IMREAD_GRAYSCALE)
+                    for c in u8]
+        return {**sample, "image": np.stack(channels).astype(np.float32) / 255}
 
 
 def evaluate_bundle(bundle_path, out_dir, dataset: str | None = None, n_boot: int = 1000,
@@ -67,12 +70,16 @@ def evaluate_bundle(bundle_path, out_dir, dataset: str | None = None, n_boot: in
         return sub.take(range(min(limit, len(sub)))) if limit else sub
 
     splits = {split: predict_split(predictor, rows(split)) for split in ("val", "test")}
-    if predictor.multiclass:
+    task = predictor.primary.task
+    if task == "multiclass":
         return _evaluate_multiclass(predictor, info, splits, out_dir, n_boot)
+    if task == "multilabel":
+        return _evaluate_multilabel(predictor, info, splits, out_dir, n_boot)
     test, val = splits["test"], splits["val"]
     threshold = predictor.threshold
 
     metrics = {
+        "task": task, "primary": predictor.primary.name,
         "model": bundle["registry_name"], "backbone": bundle["model_kwargs"]["backbone"],
         "dataset": info.name, "data_fingerprint": bundle.get("data_fingerprint"),
         "n_test": int(len(test["y"])), "n_test_patients": int(len(set(test["patients"]))),
@@ -80,8 +87,10 @@ def evaluate_bundle(bundle_path, out_dir, dataset: str | None = None, n_boot: in
         "validation": evaluate_binary(val["y"], val["prob"], val["patients"], threshold, n_boot=200)["at_0.5"],
         "test": evaluate_binary(test["y"], test["prob"], test["patients"], threshold, n_boot=n_boot),
     }
-    if test["lesions"] is not None:
-        metrics["test_lesions"] = lesion_metrics(test["lesion_y"], test["lesions"], test["lesion_known"])
+    for head in predictor.heads:  # auxiliary multi-label heads (LA-DNN's lesions)
+        if head.name != predictor.primary.name and head.task == "multilabel":
+            y, known = test["targets"][head.name]
+            metrics[f"test_{head.name}"] = lesion_metrics(y, test["probs"][head.name], known)
     curves = {"test": (test["y"], test["prob"])}
     if shortcut_probe:
         recoded = predict_split(predictor, rows("test"), extra_load_steps=[JPEGRecode()])
@@ -99,7 +108,7 @@ def evaluate_bundle(bundle_path, out_dir, dataset: str | None = None, n_boot: in
     plot_pr({"test": curves["test"]}, out_dir / "pr.png")
     plot_confusion(test["y"], (test["prob"] >= 0.5).astype(int), bundle["classes"], out_dir / "confusion.png",
                    title="Test, threshold 0.5")
-    _write_predictions(test, bundle, threshold, out_dir / "predictions_test.csv")
+    _write_predictions(test, predictor, threshold, out_dir / "predictions_test.csv")
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_report(metrics, cfg, out_dir)
     return metrics
@@ -111,6 +120,7 @@ def _evaluate_multiclass(predictor: Predictor, info, splits: dict, out_dir: Path
     classes = list(bundle["classes"])
     test, val = splits["test"], splits["val"]
     metrics = {
+        "task": "multiclass", "primary": predictor.primary.name,
         "model": bundle["registry_name"], "backbone": bundle["model_kwargs"]["backbone"],
         "dataset": info.name, "data_fingerprint": bundle.get("data_fingerprint"), "classes": classes,
         "n_test": int(len(test["y"])), "n_test_patients": int(len(set(test["patients"]))),
@@ -151,12 +161,45 @@ def per_source(split: dict, classes) -> dict:
     return out
 
 
-def _write_predictions(split: dict, bundle: dict, threshold: float, path) -> None:
+def _write_predictions(split: dict, predictor: Predictor, threshold: float, path) -> None:
+    labels = predictor.primary.labels
     frame = pd.DataFrame({"path": split["paths"], "patient_id": split["patients"],
-                          "true": [bundle["classes"][i] for i in split["y"]], "p_covid": split["prob"],
-                          "predicted": np.where(split["prob"] >= threshold, bundle["classes"][1], bundle["classes"][0])})
-    if split["lesions"] is not None:
-        for j, name in enumerate(bundle["lesions"]):
-            frame[f"p_{name}"] = split["lesions"][:, j]
+                          "true": [labels[i] for i in split["y"]], f"p_{labels[1]}": split["prob"],
+                          "predicted": np.where(split["prob"] >= threshold, labels[1], labels[0])})
+    for head in predictor.heads:
+        if head.name != predictor.primary.name and head.task == "multilabel":
+            for j, name in enumerate(head.labels):
+                frame[f"p_{name}"] = split["probs"][head.name][:, j]
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.5f")
+
+
+def _evaluate_multilabel(predictor: Predictor, info, splits: dict, out_dir: Path, n_boot: int) -> dict:
+    """Per-label and macro metrics at the per-label thresholds chosen on validation, with patient-bootstrap CIs."""
+    bundle, head = predictor.bundle, predictor.primary
+    test, val = splits["test"], splits["val"]
+    thresholds = predictor.thresholds[head.name]
+    metrics = {
+        "task": "multilabel", "primary": head.name,
+        "model": bundle["registry_name"], "backbone": bundle["model_kwargs"].get("backbone"),
+        "dataset": info.name, "data_fingerprint": bundle.get("data_fingerprint"), "labels": list(head.labels),
+        "n_test": int(len(test["y"])), "n_test_patients": int(len(set(test["patients"]))),
+        "thresholds_from_validation": dict(zip(head.labels, thresholds)),
+        "validation": evaluate_multilabel(val["y"], val["prob"], val["known"], val["patients"], head.labels,
+                                          thresholds, n_boot=0),
+        "test": evaluate_multilabel(test["y"], test["prob"], test["known"], test["patients"], head.labels,
+                                    thresholds, n_boot=n_boot),
+    }
+    curves = {name: (test["y"][test["known"][:, j] > 0, j], test["prob"][test["known"][:, j] > 0, j])
+              for j, name in enumerate(head.labels)}
+    curves = {name: y_p for name, y_p in curves.items() if len(np.unique(y_p[0])) == 2}
+    plot_roc(curves, out_dir / "roc.png", title=f"{bundle['registry_name']} on {info.name} test")
+    frame = pd.DataFrame({"path": test["paths"], "patient_id": test["patients"]})
+    for j, name in enumerate(head.labels):
+        frame[f"true_{name}"] = np.where(test["known"][:, j] > 0, test["y"][:, j], np.nan)
+        frame[f"p_{name}"] = test["prob"][:, j]
+    with atomic_path(out_dir / "predictions_test.csv") as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.5f")
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    write_report(metrics, bundle["config"], out_dir)
+    return metrics

@@ -2,12 +2,11 @@
 
 The model contract (what a method module provides so that its model can be explained):
 
-- `forward(x)` returns a dict with `logits` ((B,) for one binary logit, (B, C) otherwise) and,
-  where the model has one, `lesion_logits` (B, L);
+- `forward(x)` returns a dict with one entry per head (`chestdx.tasks.Head.output`), and the
+  caller passes the heads (a bundle records them), or the model has a `heads` attribute;
 - `target_layer()` returns the module whose activations the CAM family weighs;
 - optionally `native_maps(x)` returns the model's own attention, (B, M, *spatial); its maps
   are averaged over M (MAG-SD's mean attention map);
-- optionally `multilabel = True` for sigmoid outputs over several labels.
 
 Nothing here assumes 2D: a (B, C, D, H, W) input gives (D, H, W) maps (Score-CAM excepted,
 which pytorch-grad-cam implements for 2D only).
@@ -60,36 +59,54 @@ def method_name(method: str) -> str:
 
 
 class ScoreModel(nn.Module):
-    """The model's outputs as one (B, K) score matrix, classes first, then lesions.
+    """The model's heads as one (B, K) score matrix, the primary head's columns first.
 
-    A single binary logit l becomes two columns (-l/2, l/2): either class can be a target, a CAM
-    of the negative class is the positive class's with the sign flipped, and the softmax of the
-    two columns is exactly (1 - sigmoid(l), sigmoid(l)).
+    Each head's task gives its columns (`Task.score_columns`): a binary logit l becomes
+    (-l/2, l/2), so either class can be a target, a CAM of the negative class is the positive
+    class's with the sign flipped, and the softmax of the two columns is exactly
+    (1 - sigmoid(l), sigmoid(l)); multi-class and multi-label heads give one column per label.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, heads):
         super().__init__()
         self.model = model
+        self.heads = list(heads)
 
     def forward(self, x):
-        return score_matrix(self.model(x))
+        return score_matrix(self.model(x), self.heads)
 
 
-def score_matrix(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        out = {"logits": out}
-    logits = out["logits"]
-    columns = torch.stack([-logits / 2, logits / 2], dim=1) if logits.ndim == 1 else logits
-    if out.get("lesion_logits") is not None:
-        columns = torch.cat([columns, out["lesion_logits"]], dim=1)
-    return columns
+def score_matrix(out: dict, heads) -> torch.Tensor:
+    return torch.cat([h.kind.score_columns(out[h.output]) for h in heads], dim=1)
 
 
-def score_probabilities(scores: torch.Tensor, n_classes: int, multilabel: bool) -> torch.Tensor:
-    """Class columns: softmax (sigmoid if multi-label); lesion columns: sigmoid."""
-    classes = scores[:, :n_classes]
-    classes = torch.sigmoid(classes) if multilabel else torch.softmax(classes, dim=1)
-    return torch.cat([classes, torch.sigmoid(scores[:, n_classes:])], dim=1)
+def column_names(heads) -> list[str]:
+    return [name for h in heads for name in h.labels]
+
+
+def score_probabilities(scores: torch.Tensor, heads) -> torch.Tensor:
+    """Each head's columns as its probabilities: softmax over a binary pair or the classes of a
+    multi-class head, a sigmoid per label of a multi-label head."""
+    parts, start = [], 0
+    for h in heads:
+        cols = scores[:, start:start + len(h.labels)]
+        parts.append(torch.sigmoid(cols) if h.task == "multilabel" else torch.softmax(cols, dim=1))
+        start += len(h.labels)
+    return torch.cat(parts, dim=1)
+
+
+def ordered_heads(heads, primary: str | None = None) -> list:
+    """The primary head first (its labels are the 'classes' targets), then the others."""
+    heads = list(heads)
+    primary = primary or heads[0].name
+    return sorted(heads, key=lambda h: h.name != primary)
+
+
+def model_heads(model: nn.Module, heads=None) -> list:
+    heads = heads if heads is not None else getattr(model, "heads", None)
+    if not heads:
+        raise ChestDxError(f"{type(model).__name__}: give the model's heads (chestdx.tasks.Head) to explain it")
+    return list(heads)
 
 
 @dataclass
@@ -140,35 +157,23 @@ def resolve_targets(target, names: list, n_classes: int) -> list:
     return specs
 
 
-def output_names(model: nn.Module, classes=None, lesions=None, x: torch.Tensor | None = None) -> tuple[list, int]:
-    """Names of the score columns and how many of them are classes."""
-    classes = list(classes) if classes else None
-    lesions = list(lesions or [])
-    if classes is None:
-        with torch.no_grad():
-            k = score_matrix(model(x[:1])).shape[1]
-        classes = [f"class{i}" for i in range(k - len(lesions))]
-    return classes + lesions, len(classes)
-
-
 def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam++", target="predicted",
-            classes=None, lesions=None, batch_size: int = 16) -> Explanation:
+            heads=None, batch_size: int = 16) -> Explanation:
     """Maps for each image and target, min-max normalised to [0, 1], at input resolution.
 
-    images: preprocessed (B, C, *spatial) tensor. classes/lesions: names of the score columns
-    (defaults class0.. and no lesions).
+    images: preprocessed (B, C, *spatial) tensor. heads: the model's heads, primary first (default:
+    `model.heads`); their labels name the score columns, and 'predicted' is the primary head's most
+    probable label.
     """
     method = method_name(method)
     model.eval()
-    names, n_classes = output_names(model, classes, lesions, images)
+    heads = model_heads(model, heads)
+    names, n_classes = column_names(heads), len(heads[0].labels)
     specs = resolve_targets(target, names, n_classes)
-    multilabel = bool(getattr(model, "multilabel", False))
-    scorer = ScoreModel(model).eval()
+    scorer = ScoreModel(model, heads).eval()
     with torch.no_grad():
         scores = torch.cat([scorer(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-    if scores.shape[1] != len(names):
-        raise ChestDxError(f"the model has {scores.shape[1]} outputs but {len(names)} names were given")
-    probs = score_probabilities(scores, n_classes, multilabel)
+    probs = score_probabilities(scores, heads)
     predicted = probs[:, :n_classes].argmax(1).numpy()
     columns = np.stack([predicted if col is None else np.full(len(images), col) for _, col in specs], axis=1)
 

@@ -18,6 +18,7 @@ from chestdx.errors import ChestDxError
 from chestdx.explain.core import explain, method_name
 from chestdx.explain.localization import energy_share, localize, summarise, xywh_box
 from chestdx.explain.lungs import ct_lung_mask
+from chestdx.data.transforms import Resize
 from chestdx.explain.postprocess import bounding_box, box_to_mask, box_to_xywh, largest_component, threshold_mask
 from chestdx.explain.render import overlay_png, write_gallery, write_mask_png
 from chestdx.inference import Predictor
@@ -56,12 +57,11 @@ def explain_files(checkpoint, files, out_dir, method: str = "gradcam++", targets
     for start in range(0, len(loaded), batch_size):
         chunk = loaded[start:start + batch_size]
         x = torch.cat([item[3] for item in chunk])
-        result = explain(predictor.model, x, method, list(targets), bundle["classes"], bundle.get("lesions"))
+        result = explain(predictor.model, x, method, list(targets), predictor.explain_heads)
         probs = predictor.predict_tensor(x)
         for b, (i, path, shown, _) in enumerate(chunk):
-            lesions = probs["lesions"][b] if "lesions" in probs else None
-            verdict = predictor.describe(probs["probability"][b], lesions)
-            label = verdict["prediction"]
+            verdict = predictor.describe({name: p[b] for name, p in probs.items()})
+            label = result.column_name(b, 0) if isinstance(verdict["prediction"], list) else verdict["prediction"]
             for t, target in enumerate(result.target_names):
                 column = result.column_name(b, t)
                 heat = result.maps[b, t]
@@ -80,7 +80,8 @@ def explain_files(checkpoint, files, out_dir, method: str = "gradcam++", targets
                 records.append({"image": str(path), "target": column, "requested": target, "overlay": f"{stem}.png",
                                 "map": f"{stem}.npy", "mask": f"{stem}_mask.png", "box": box_json["box"],
                                 "target_probability": p_target, "prediction": label,
-                                "probabilities": verdict["probabilities"], "lesions": verdict.get("lesions")})
+                                "probabilities": verdict["probabilities"],
+                                **{h.name: verdict.get(h.name) for h in predictor.heads if h.name in verdict}})
                 gallery.append({"image": path.name, "overlay": f"{stem}.png",
                                 "caption": f"{method} · {column} (p={p_target:.2f}) · predicted {label}"})
     write_gallery(gallery, out_dir / "gallery.html", f"chestdx explanations: {method}, model {bundle['registry_name']}")
@@ -90,7 +91,8 @@ def explain_files(checkpoint, files, out_dir, method: str = "gradcam++", targets
 
 def _reference_on_grid(predictor: Predictor, mask: np.ndarray) -> np.ndarray:
     """A full-resolution reference mask resized exactly as the image was."""
-    return predictor.load_steps.steps[0](mask.astype(np.float32)) >= 0.5
+    resize = next(s for s in predictor.load_steps.steps if isinstance(s, Resize))
+    return resize({"image": mask.astype(np.float32)[None]})["image"][0] >= 0.5
 
 
 def evaluate_localization(checkpoint, manifest_csv, out_dir, method: str = "gradcam++", target="predicted",
@@ -126,7 +128,7 @@ def evaluate_localization(checkpoint, manifest_csv, out_dir, method: str = "grad
         image = read_image(root / row["path"])
         shown, x = prepare(predictor, root / row["path"], image)
         full_shape = image.pixels.shape[:2]
-        result = explain(predictor.model, x, method, target, bundle["classes"], bundle.get("lesions"))
+        result = explain(predictor.model, x, method, target, predictor.explain_heads)
         heat = result.maps[0, 0]
         ref_mask, ref_boxes = None, None
         if mask_column:

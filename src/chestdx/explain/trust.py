@@ -40,10 +40,11 @@ def map_ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def deletion_insertion(model: torch.nn.Module, images: torch.Tensor, maps: np.ndarray, columns, n_classes: int,
-                       steps: int = 16, multilabel: bool = False) -> dict:
-    """Deletion and insertion AUCs per image. maps: (B, *spatial); columns: (B,) score column."""
-    scorer = ScoreModel(model).eval()
+def deletion_insertion(model: torch.nn.Module, images: torch.Tensor, maps: np.ndarray, columns, heads,
+                       steps: int = 16) -> dict:
+    """Deletion and insertion AUCs per image. maps: (B, *spatial); columns: (B,) score column of the
+    heads' score matrix (chestdx.explain.core.ScoreModel)."""
+    scorer = ScoreModel(model, heads).eval()
     deletion, insertion = [], []
     for b in range(len(images)):
         x = images[b]
@@ -61,7 +62,7 @@ def deletion_insertion(model: torch.nn.Module, images: torch.Tensor, maps: np.nd
                 keep = keep.view(x.shape[1:]).expand_as(x)
                 variants.append(torch.where(keep, mean if fill is None else fill, start))
             batch = torch.stack(variants)
-            probs = score_probabilities(scorer(batch), n_classes, multilabel)[:, int(columns[b])].numpy()
+            probs = score_probabilities(scorer(batch), heads)[:, int(columns[b])].numpy()
             curves.append(float(np.trapezoid(probs, fractions)))
         deletion.append(curves[0])
         insertion.append(curves[1])

@@ -110,3 +110,9 @@ def grey_normalisation(name: str) -> dict:
     """Mean/std for 1-channel input: the stem sums the RGB filters, so one value stands for all three."""
     spec = BACKBONES[name]
     return {"mean": float(sum(spec.mean) / 3), "std": float(sum(spec.std) / 3)}
+
+
+def input_normalisation(model_config: dict) -> dict:
+    """The config's backbone's grey normalisation; mean 0.5, std 0.5 for a model without one."""
+    name = model_config.get("backbone")
+    return grey_normalisation(name) if name in BACKBONES else {"mean": 0.5, "std": 0.5}

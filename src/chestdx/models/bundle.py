@@ -1,8 +1,10 @@
 """A model bundle: one file that carries everything needed to use a trained model.
 
-Registry name and constructor arguments, classes and lesion names, preprocessing, the
-training config, the data fingerprint, validation metrics, the operating threshold chosen on
-validation, and the weights. Written atomically.
+Registry name and constructor arguments, the heads (task kind and labels of each output, and
+which one is primary), the sample kind, preprocessing, the training config, the data
+fingerprint, validation metrics, the operating thresholds chosen on validation (per head, per
+label), and the weights. Written atomically. `classes` is the primary head's labels, kept for
+readers that only want the diagnosis.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from pathlib import Path
 import torch
 
 from chestdx.errors import ChestDxError
-from chestdx.models.backbones import grey_normalisation
+from chestdx.models.backbones import input_normalisation
 from chestdx.models.ensemble import Ensemble
 from chestdx.models.registry import create_model, get_entry
+from chestdx.tasks import Head, heads_from
 from chestdx.utils import atomic_path
 
-FORMAT = "chestdx-model-v1"
+FORMAT = "chestdx-model-v2"
+READABLE = ("chestdx-model-v1", FORMAT)  # v1: one threshold, heads implied by the registry
 
 
 def model_kwargs(model_config: dict) -> dict:
@@ -32,14 +36,17 @@ def make_bundle(model: torch.nn.Module, config: dict, **metadata) -> dict:
         "format": FORMAT,
         "registry_name": m["name"],
         "model_kwargs": model_kwargs(m),
+        "heads": [h.to_dict() for h in entry.heads],
+        "primary": entry.primary,
         "classes": list(entry.classes),
-        "lesions": list(entry.lesions),
+        "sample": entry.sample,
+        "spatial_dims": entry.spatial_dims,
         "modality": entry.modality,
-        "preprocess": {**grey_normalisation(m["backbone"]), **config["preprocess"]},
+        "preprocess": {**input_normalisation(m), **config["preprocess"]},
         "tta": bool(config.get("evaluate", {}).get("tta", False)),
         "tta_scales": [float(s) for s in config.get("evaluate", {}).get("tta_scales", [1.0])],
         "config": config,
-        "threshold": 0.5,
+        "thresholds": {},
         "ensemble": len(model.members) if isinstance(model, Ensemble) else 0,
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         **metadata,
@@ -61,12 +68,37 @@ def load_bundle(path) -> tuple[torch.nn.Module, dict]:
         bundle = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
         raise ChestDxError(f"{path}: not a readable chestdx model ({err})") from None
-    if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
+    if not isinstance(bundle, dict) or bundle.get("format") not in READABLE:
         raise ChestDxError(f"{path}: not a chestdx model bundle (expected format {FORMAT})")
+    if bundle["format"] != FORMAT:
+        upgrade_v1(bundle)
     model = build_model(bundle)
     model.load_state_dict(bundle["state_dict"])
     model.eval()
     return model, bundle
+
+
+def upgrade_v1(bundle: dict) -> None:
+    """A v1 bundle (one binary threshold, heads implied by the registry) in the v2 layout."""
+    entry = get_entry(bundle["registry_name"])
+    bundle.update(heads=[h.to_dict() for h in entry.heads], primary=entry.primary, sample=entry.sample,
+                  spatial_dims=entry.spatial_dims, format=FORMAT)
+    if entry.primary_head.task == "binary":
+        bundle["thresholds"] = {entry.primary: [float(bundle.get("threshold", 0.5))]}
+    else:
+        bundle["thresholds"] = {}
+
+
+def primary_head(bundle: dict) -> Head:
+    return next(h for h in heads_from(bundle) if h.name == bundle["primary"])
+
+
+def thresholds(bundle: dict, head: Head) -> list[float]:
+    """The head's operating thresholds: chosen on validation, 0.5 per label where none was stored."""
+    stored = (bundle.get("thresholds") or {}).get(head.name)
+    if stored is not None:
+        return [float(t) for t in stored]
+    return [0.5] * (1 if head.task == "binary" else len(head.labels))
 
 
 def build_model(bundle: dict) -> torch.nn.Module:
@@ -75,4 +107,4 @@ def build_model(bundle: dict) -> torch.nn.Module:
         return create_model(bundle["registry_name"], pretrained=None, **bundle["model_kwargs"])
 
     members = int(bundle.get("ensemble") or 0)
-    return Ensemble([one() for _ in range(members)]) if members else one()
+    return Ensemble([one() for _ in range(members)], heads_from(bundle)) if members else one()

@@ -4,7 +4,8 @@ A backbone's pooled features feed two heads (paper Fig. 2): a primary COVID-19 h
 with cross entropy L_P, and an auxiliary multi-label head over five lesions (GGO, Csld, CrPa,
 AirBr, InSepThi) with sigmoid outputs and binary cross entropy L_A. The paper trains on
 L = L_P + L_A (Sec. 2.2). The He et al. baseline is the same network without the lesion
-head (`lesion_weight = 0`, `n_lesions = 0`).
+head (registered as `covid_baseline`).
+The loss is `LADNNMethod`: the two heads' task losses (chestdx.tasks) summed.
 
 Two departures from the official code, on purpose: lesion labels that are unknown (every
 COVID-negative image, and positives without a report) are masked out of L_A instead of being
@@ -14,12 +15,16 @@ read as 0, and AUC is computed from probabilities, not thresholded predictions.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from chestdx.models.backbones import create_backbone
+from chestdx.models.registry import ModelEntry, register
+from chestdx.tasks import Head
+from chestdx.train.methods import SupervisedMethod, register_method
 
 LESIONS = ("GGO", "Csld", "CrPa", "AirBr", "InSepThi")
+DIAGNOSIS = Head("diagnosis", "binary", ("noncovid", "covid"), output="logits")
+LESION_HEAD = Head("lesions", "multilabel", LESIONS, output="lesion_logits")
 
 
 class LADNN(nn.Module):
@@ -57,24 +62,31 @@ def negatives_lesion_free(covid: torch.Tensor, lesions: torch.Tensor, known: tor
     return lesions.masked_fill(negative, 0), known.masked_fill(negative, 1)
 
 
-def ladnn_loss(out: dict, covid: torch.Tensor, lesions: torch.Tensor | None = None,
-               lesion_mask: torch.Tensor | None = None, lesion_weight: float = 1.0,
-               label_smoothing: float = 0.0) -> dict:
-    """L = L_P + lambda * L_A (paper Sec. 2.2, lambda = 1).
+@register_method
+class LADNNMethod(SupervisedMethod):
+    """L = L_P + lambda L_A (Sec. 2.2): the supervised sum over the two heads, lambda from
+    `train.head_weights.lesions`; optionally every COVID-negative image reads as lesion-free."""
 
-    L_P: binary cross entropy of the COVID logit (two-class cross entropy with one logit).
-    L_A: binary cross entropy of each lesion logit, averaged over the (image, lesion) entries
-    whose label is known (`lesion_mask` = 1); zero when a batch has no known lesion label.
-    """
-    target = covid.float()
-    if label_smoothing:
-        target = target * (1 - label_smoothing) + 0.5 * label_smoothing
-    loss_p = F.binary_cross_entropy_with_logits(out["logits"], target)
-    result = {"loss_p": loss_p, "loss": loss_p}
-    if lesion_weight and "lesion_logits" in out and lesions is not None:
-        per_entry = F.binary_cross_entropy_with_logits(out["lesion_logits"], lesions.float(), reduction="none")
-        mask = lesion_mask.float()
-        loss_a = (per_entry * mask).sum() / mask.sum().clamp(min=1.0)
-        result["loss_a"] = loss_a
-        result["loss"] = loss_p + lesion_weight * loss_a
-    return result
+    name = "ladnn"
+    options = {"negatives_lesion_free": False}
+
+    def losses(self, model, batch, rng):
+        if self.opts["negatives_lesion_free"] and "lesions" in batch["targets"]:
+            targets, known = dict(batch["targets"]), dict(batch["known"])
+            targets["lesions"], known["lesions"] = negatives_lesion_free(
+                batch["targets"]["diagnosis"], targets["lesions"], known["lesions"])
+            batch = {**batch, "targets": targets, "known": known}
+        return super().losses(model, batch, rng)
+
+
+_CT_PREPROCESS = {"channels": 1, "resize": "pad", "clahe": False}
+register(ModelEntry(
+    name="ladnn", builder=LADNN, fixed={"n_lesions": len(LESIONS)}, method="ladnn", heads=(DIAGNOSIS, LESION_HEAD), primary="diagnosis",
+    description="LA-DNN: backbone + COVID head + auxiliary five-lesion head (Liu et al., KDD 2020)",
+    modality="CT", preprocessing=_CT_PREPROCESS, paper="la-dnn_ct_online_003",
+))
+register(ModelEntry(
+    name="covid_baseline", builder=LADNN, fixed={"n_lesions": 0}, method="ladnn", heads=(DIAGNOSIS,),
+    description="He et al. baseline: the LA-DNN backbone with the COVID head only",
+    modality="CT", preprocessing=_CT_PREPROCESS, paper="la-dnn_ct_online_003",
+))

@@ -21,6 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from chestdx.models.backbones import create_backbone
+from chestdx.models.magsd_augment import AUGMENTATIONS, augment
+from chestdx.models.registry import ModelEntry, register
+from chestdx.tasks import Head
+from chestdx.train.methods import SupervisedMethod, register_method
+
+CXR_CLASSES = ("normal", "pneumonia", "covid")
+CXR_DIAGNOSIS = Head("diagnosis", "multiclass", CXR_CLASSES, output="logits")
+CXR_PREPROCESS = {"channels": 1, "resize": "pad", "clahe": True, "zscore": True}
 
 SCALE_LEVELS = {7: -1, 14: -2, 28: -3}  # attention grid at 224 px -> backbone stage (stride 32, 16, 8)
 POOLINGS = ("attention", "gap", "gmp")
@@ -121,3 +129,46 @@ def soft_distance_loss(raw_logits: torch.Tensor, aug_logits: list[torch.Tensor],
             raise ValueError(f"regularization mode must be 'soft' or 'l2', got {mode!r}")
     reg = torch.stack(distances).sum() if distances else ce.new_zeros(())
     return {"loss": ce + reg, "loss_ce": ce, "loss_reg": reg, "trusted": trusted.float().mean()}
+
+
+@register_method
+class MAGSDMethod(SupervisedMethod):
+    """Sec. III-C/D: a raw pass, the attention guided augmentations made from that pass's detached
+    attention maps, one pass per augmented batch, and the soft distance (or L2) regularization
+    over all of them (Algorithm 1)."""
+
+    name = "magsd"
+    options = {"augmentations": list(AUGMENTATIONS), "regularization": "soft", "augment_per_step": 0,
+               "confidence": 0.7, "smoothing": 0.1}
+
+    def __init__(self, heads, train_cfg, options=None, seed: int = 0):
+        super().__init__(heads, train_cfg, options, seed)
+        import numpy as np
+
+        self.head = next(h for h in self.heads if h.task == "multiclass")
+        self._rng = np.random.default_rng(seed)
+
+    def losses(self, model, batch, rng):
+        cfg, x, y = self.opts, batch["image"], batch["targets"][self.head.name]
+        raw = model(x)
+        which = [a for a in AUGMENTATIONS if a in cfg["augmentations"]]
+        per_step = int(cfg["augment_per_step"] or 0)
+        if 0 < per_step < len(which):  # a CPU budget: a random subset of the augmentations each step
+            which = list(self._rng.choice(which, size=per_step, replace=False))
+        augmented = augment(x, raw["attention"], which)
+        aug_logits = [model(images)[self.head.output] for images in augmented.values()]
+        if cfg["regularization"] == "none":  # augmentations as plain extra training data
+            ce = F.cross_entropy(raw[self.head.output], y)
+            extra = sum((F.cross_entropy(lg, y) for lg in aug_logits), ce.new_zeros(()))
+            return {"loss": ce + extra, "loss_ce": ce}
+        out = soft_distance_loss(raw[self.head.output], aug_logits, y, mode=cfg["regularization"],
+                                 confidence=cfg["confidence"], smoothing=cfg["smoothing"])
+        return {"loss": out["loss"], "loss_ce": out["loss_ce"], "loss_reg": out["loss_reg"], "trusted": out["trusted"]}
+
+
+register(ModelEntry(
+    name="magsd", builder=MAGSD, fixed={"num_classes": len(CXR_CLASSES)}, method="magsd", heads=(CXR_DIAGNOSIS,),
+    description="MAG-SD: multiscale attention, attention pooling, attention guided augmentation, soft distance "
+                "(Li et al., JBHI 2021)",
+    modality="CXR", preprocessing=CXR_PREPROCESS, paper="mag-sd_cxr_000",
+))

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from chestdx.models.backbones import create_backbone
+from chestdx.models.magsd import CXR_CLASSES, CXR_DIAGNOSIS, CXR_PREPROCESS
+from chestdx.models.registry import ModelEntry, register
 
 
 class PlainClassifier(nn.Module):
@@ -27,3 +29,10 @@ class PlainClassifier(nn.Module):
 
     def target_layer(self) -> nn.Module:
         return self.backbone.get_submodule(self.backbone.feature_info[-1]["module"])
+
+
+register(ModelEntry(
+    name="cxr_plain", builder=PlainClassifier, fixed={"num_classes": len(CXR_CLASSES)}, heads=(CXR_DIAGNOSIS,),
+    description="Plain CXR classifier: backbone, global average pooling, linear (MAG-SD's baseline)",
+    modality="CXR", preprocessing=CXR_PREPROCESS, paper="mag-sd_cxr_000",
+))

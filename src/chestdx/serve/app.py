@@ -108,15 +108,13 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         shown, x = predictor.prepare(image.to_gray())
         t_pre = time.perf_counter()
         out = predictor.predict_tensor(x)
-        lesions = out["lesions"][0] if "lesions" in out else None
-        verdict = predictor.describe(out["probability"][0], lesions)
+        verdict = predictor.describe({name: p[0] for name, p in out.items()})
         t_inf = time.perf_counter()
         result = {"model": served.name, **verdict}
         if heatmap and served.explainer is not None:
             with served.lock:
-                m = served.explainer.bundle
-                heat = explain(served.explainer.model, x, settings.heatmap_method, "predicted", m["classes"],
-                               m.get("lesions")).maps[0, 0]
+                heat = explain(served.explainer.model, x, settings.heatmap_method, "predicted",
+                               served.explainer.explain_heads).maps[0, 0]
             result["heatmap"] = {"method": settings.heatmap_method, "target": verdict["prediction"],
                                  **_heatmap_pngs(shown, heat)}
         t_heat = time.perf_counter()
@@ -127,12 +125,17 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         meta = {k: image.meta.get(k) for k in ("format", "modality", "photometric", "original_size") if k in image.meta}
         stored = _stored_image(data, image.meta["format"]) if settings.store_images else (None, None)
         study = db.add(model=served.name, sha256=hashlib.sha256(data).hexdigest(), input_format=image.meta["format"],
-                       prediction=verdict["prediction"], threshold=verdict["threshold"],
-                       result={"probabilities": verdict["probabilities"], "lesions": verdict.get("lesions"),
+                       prediction=_as_text(verdict["prediction"]),
+                       threshold=verdict["threshold"] if not isinstance(verdict["threshold"], dict) else None,
+                       result={**{k: v for k, v in verdict.items() if k not in ("prediction", "threshold")},
                                "timings_ms": result["timings_ms"], "image": meta, "backend": predictor.backend},
                        image=stored[0], image_media_type=stored[1])
         log.info("study %s: model %s, %s", study.id, served.name, verdict["prediction"])
         return {"study_id": study.id, "study_url": f"{API}/studies/{study.id}", **result}
+
+    def _as_text(prediction) -> str:
+        """A multi-label verdict (the labels above their thresholds) as one database cell."""
+        return "|".join(prediction) if isinstance(prediction, list) else prediction
 
     @app.get("/healthz", tags=["service"])
     def healthz():

@@ -15,11 +15,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from chestdx.data.datasets import get_dataset
 from chestdx.data.manifest import Manifest
 from chestdx.data.splits import kfold_split_tags
 from chestdx.errors import ChestDxError
+from chestdx.models import get_entry
 from chestdx.evaluate.run import evaluate_bundle
 from chestdx.train import runfolder
 from chestdx.train.run import fit, prepare_config, split_manifests
@@ -27,13 +29,18 @@ from chestdx.utils import write_json_atomic
 
 BINARY_HEADLINE = ("auc", "accuracy", "sensitivity", "specificity", "f1")
 MULTICLASS_HEADLINE = ("macro_auc", "accuracy", "macro_sensitivity", "macro_specificity", "macro_f1")
+MULTILABEL_HEADLINE = ("macro_auc", "macro_sensitivity", "macro_specificity", "macro_f1")
 
 
-def fold_manifests(manifest: Manifest, n_folds: int, seed: int = 0) -> list[Manifest]:
-    """The manifest once per fold, its `split` column replaced by that fold's train/val/test tags."""
+def fold_manifests(manifest: Manifest, n_folds: int, seed: int = 0, head=None) -> list[Manifest]:
+    """The manifest once per fold, its `split` column replaced by that fold's train/val/test tags;
+    stratified by the primary head's task key (`head`; the label column when none is given)."""
     _check_fold_count(n_folds)
     frame = manifest.frame
-    strata = frame[manifest.label_column].astype(str)
+    if head is None:
+        strata = frame[manifest.label_column].astype(str)
+    else:
+        strata = pd.Series(head.kind.stratify_key(*manifest.head_targets(head)), index=frame.index)
     if "source" in frame.columns:
         strata = strata + "/" + frame["source"].astype(str)
     tags = kfold_split_tags(strata.to_numpy(), frame["patient_id"].to_numpy(), n_folds, seed=seed)
@@ -48,7 +55,8 @@ def cross_validate(cfg: dict, run_dir, n_folds: int, progress: bool = True, n_bo
     run_dir = Path(run_dir)
     manifest = get_dataset(cfg["dataset"]).manifest()
     folds = []
-    for k, fold in enumerate(fold_manifests(manifest, n_folds, seed=int(cfg["train"]["seed"]))):
+    head = get_entry(cfg["model"]["name"]).primary_head
+    for k, fold in enumerate(fold_manifests(manifest, n_folds, seed=int(cfg["train"]["seed"]), head=head)):
         fold_dir = run_dir / f"fold{k}"
         fold_cfg = prepare_config(copy.deepcopy(cfg))
         runfolder.check(fold_dir, fold_cfg, split_manifests(fold_cfg, fold)[1])  # another run's fold is refused
@@ -77,6 +85,7 @@ def _check_fold_count(n_folds: int) -> None:
 
 def _headline(metrics: dict) -> dict:
     test = metrics["test"]
-    if "at_0.5" in test:  # binary
+    if metrics["task"] == "binary":
         return {k: float(test["at_0.5"][k]) for k in BINARY_HEADLINE} | {"n_test": metrics["n_test"]}
-    return {k: float(test[k]) for k in MULTICLASS_HEADLINE} | {"n_test": metrics["n_test"]}
+    keys = MULTICLASS_HEADLINE if metrics["task"] == "multiclass" else MULTILABEL_HEADLINE
+    return {k: float(test[k]) for k in keys} | {"n_test": metrics["n_test"]}

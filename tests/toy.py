@@ -1,0 +1,91 @@
+"""Toy models and data whose right answer is known, registered like a paper's models.
+
+Imported by the tests, and by CLI subprocesses through CHESTDX_PLUGINS=tests.toy. Images are
+32 x 32 with bright squares: label `a` is a square in the top-left quadrant, `b` one in the
+bottom-right, `c` is independent of the image (its AUC must stay near chance).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch import nn
+
+from chestdx.models.registry import ModelEntry, get_entry, register
+from chestdx.tasks import Head
+
+TOY_LABELS = ("a", "b", "c")
+
+
+class ToyNet(nn.Module):
+    """Two convolutions (`stem`), flattened (positions kept), one linear layer (`head`)."""
+
+    def __init__(self, in_chans: int = 1, n_out: int = 3, width: int = 8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Linear(width * 8 * 8, n_out)
+
+    def forward(self, x):
+        logits = self.head(self.stem(x).flatten(1))
+        return {"logits": logits if logits.shape[1] > 1 else logits[:, 0]}
+
+    def target_layer(self):
+        return self.stem
+
+
+def _register():
+    try:
+        get_entry("toy_multilabel")
+        return
+    except Exception:
+        pass
+    register(ModelEntry(name="toy_multilabel", builder=ToyNet, fixed={"n_out": 3}, description="test toy",
+                        modality="CXR", heads=(Head("findings", "multilabel", TOY_LABELS),)))
+    register(ModelEntry(name="toy_binary", builder=ToyNet, fixed={"n_out": 1}, description="test toy",
+                        modality="CXR", heads=(Head("diagnosis", "binary", ("neg", "pos"), column="label"),)))
+
+
+_register()
+
+
+def write_toy_dataset(folder: Path, n: int = 160, seed: int = 0) -> Path:
+    """PNG images + manifest.csv (one patient per image; 60/20/20 split); returns the manifest path."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        a, b, c = (rng.random(3) < [0.5, 0.4, 0.3]).astype(int)
+        img = (rng.random((32, 32)) * 0.2).astype(np.float32)
+        if a:
+            y, x = rng.integers(2, 10, 2)
+            img[y:y + 6, x:x + 6] = 1.0
+        if b:
+            y, x = rng.integers(18, 26, 2)
+            img[y:y + 6, x:x + 6] = 1.0
+        name = f"images/img{i:04d}.png"
+        Image.fromarray((img * 255).astype(np.uint8)).save(folder / name)
+        split = "train" if i < 0.6 * n else "val" if i < 0.8 * n else "test"
+        rows.append({"path": name, "label": "pos" if a else "neg", "patient_id": f"p{i}", "split": split,
+                     "a": a, "b": b, "c": c if i % 10 else np.nan})  # every tenth c unknown
+    pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
+    return folder / "manifest.csv"
+
+
+def toy_overrides(manifest: Path, model: str = "toy_multilabel", epochs: int = 4) -> list[str]:
+    return [f"dataset={manifest}", f"model.name={model}", "model.pretrained=null", "preprocess.size=32",
+            f"train.epochs={epochs}", "train.batch_size=16", "train.lr=3e-3", "train.warmup_epochs=0",
+            "train.patience=20", "augment.affine=false", "augment.hflip=0", "evaluate.tta=false",
+            "evaluate.bootstrap=100"]
+
+
+def weights(model: nn.Module, prefix: str) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+__all__ = ["TOY_LABELS", "ToyNet", "toy_overrides", "weights", "write_toy_dataset", "torch"]
