@@ -29,7 +29,7 @@ demo: setup
 	@if [ -f "$(CHESTDX_HOME)/models/default.pt" ]; then \
 		echo "Using the installed model $(CHESTDX_HOME)/models/default.pt (delete it to retrain)"; \
 	else \
-		echo "No installed model: training LA-DNN on covid-ct (CPU, ~15 min)"; \
+		echo "No installed model: training LA-DNN on covid-ct (two ensemble members on the CPU: 15-30 min, depending on the machine)"; \
 		$(BIN)/chestdx train --config configs/ladnn_covidct.yaml --run-dir $(DEMO_RUN) --install --no-evaluate $(DEMO_ARGS); \
 	fi
 	$(BIN)/chestdx evaluate --out $(DEMO_RUN)/report
