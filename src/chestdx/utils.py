@@ -48,3 +48,21 @@ def _json_default(obj):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+RESULT_LIBRARIES = ("torch", "torchvision", "timm", "lightning", "numpy", "opencv-python-headless", "pillow",
+                    "scikit-learn", "monai")
+
+
+def library_versions(names=RESULT_LIBRARIES) -> dict:
+    """Installed versions of the libraries a result depends on: the same seeds and thread counts
+    give the same weights only with the same builds (a benchmark records them beside its numbers)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
