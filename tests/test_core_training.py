@@ -122,3 +122,13 @@ def test_two_process_ddp_on_cpu_trains_and_matches_one_process(toy_manifest, tmp
     logged = json.loads((tmp_path / "two" / "train_summary.json").read_text())["config"]["trainer"]
     assert logged["devices"] == 2 and logged["strategy"] == "ddp"
     assert np.isfinite(auc["two"])
+
+
+def test_ddp_trains_every_member_of_an_ensemble_in_the_same_processes(toy_manifest, tmp_path):
+    """Several fits in one DDP run (ensemble members; stages and folds alike): every rank goes on to
+    the next fit together, so nothing waits forever for a rank that left."""
+    two = _cli_train(toy_manifest, tmp_path / "ens", ["trainer.accelerator=cpu", "trainer.devices=2",
+                                                       "trainer.strategy=ddp", "train.ensemble=2", "train.epochs=1"])
+    assert two.returncode == 0, two.stderr[-2000:]
+    summary = json.loads((tmp_path / "ens" / "train_summary.json").read_text())
+    assert [m["seed"] for m in summary["members"]] == [0, 1] and summary["ensemble"] == 2

@@ -37,7 +37,7 @@ def train(
 ):
     """Train a model (resumes from the run folder's last checkpoint if there is one)."""
     from chestdx.train.config import load_config
-    from chestdx.train.run import fit
+    from chestdx.train.run import fit, is_main_process
 
     cfg = load_config(config, set_)
     run_dir = run_dir or Path("runs") / cfg["name"]
@@ -45,7 +45,7 @@ def train(
         _cross_validate(cfg, run_dir, folds, install)
         return
     model_path = fit(cfg, run_dir, progress=sys.stderr.isatty())
-    if model_path is None:  # a DDP worker process: rank 0 reports
+    if not is_main_process():  # a DDP worker process: rank 0 reports
         return
     console.print(f"model: {model_path}")
     if install:
@@ -60,6 +60,8 @@ def _cross_validate(cfg: dict, run_dir: Path, folds: int, install: bool) -> None
     if install:
         raise ChestDxError("--install takes a single model; cross-validation trains one per fold")
     summary = cross_validate(cfg, run_dir, folds, progress=sys.stderr.isatty(), n_boot=cfg["evaluate"]["bootstrap"])
+    if not summary:  # a DDP worker process: rank 0 reports
+        return
     table = Table(title=f"{cfg['name']}: {folds}-fold cross-validation, test folds, threshold 0.5")
     metrics = list(summary["mean"])
     for col in ["fold", *metrics]:

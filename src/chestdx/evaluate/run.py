@@ -80,7 +80,7 @@ def evaluate_bundle(bundle_path, out_dir, dataset: str | None = None, n_boot: in
 
     metrics = {
         "task": task, "primary": predictor.primary.name,
-        "model": bundle["registry_name"], "backbone": bundle["model_kwargs"]["backbone"],
+        "model": bundle["registry_name"], "backbone": bundle["model_kwargs"].get("backbone"),
         "dataset": info.name, "data_fingerprint": bundle.get("data_fingerprint"),
         "n_test": int(len(test["y"])), "n_test_patients": int(len(set(test["patients"]))),
         "threshold_from_validation": threshold,
@@ -121,7 +121,7 @@ def _evaluate_multiclass(predictor: Predictor, info, splits: dict, out_dir: Path
     test, val = splits["test"], splits["val"]
     metrics = {
         "task": "multiclass", "primary": predictor.primary.name,
-        "model": bundle["registry_name"], "backbone": bundle["model_kwargs"]["backbone"],
+        "model": bundle["registry_name"], "backbone": bundle["model_kwargs"].get("backbone"),
         "dataset": info.name, "data_fingerprint": bundle.get("data_fingerprint"), "classes": classes,
         "n_test": int(len(test["y"])), "n_test_patients": int(len(set(test["patients"]))),
         "validation": multiclass_metrics(val["y"], val["prob"], classes),

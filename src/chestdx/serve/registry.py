@@ -46,7 +46,7 @@ class ServedModel:
                        "thresholds": self.predictor.thresholds[h.name]} for h in self.predictor.heads],
             "threshold": self.predictor.threshold,
             "input_size": b.get("preprocess", {}).get("size"),
-            "metrics": {"validation": b.get("validation", {})},
+            "metrics": {"validation": {k: v for k, v in b.get("validation", {}).items() if k != "thresholds"}},
             "intended_use": INTENDED_USE.format(modality=b.get("modality", "chest"), classes=" / ".join(b.get("classes") or [])),
             "backend": self.predictor.backend,
             "heatmaps": self.explainer is not None,

@@ -24,7 +24,7 @@ from chestdx.errors import ChestDxError
 from chestdx.models import get_entry
 from chestdx.evaluate.run import evaluate_bundle
 from chestdx.train import runfolder
-from chestdx.train.run import fit, prepare_config, split_manifests
+from chestdx.train.run import fit, is_main_process, prepare_config, split_manifests
 from chestdx.utils import write_json_atomic
 
 BINARY_HEADLINE = ("auc", "accuracy", "sensitivity", "specificity", "f1")
@@ -65,9 +65,13 @@ def cross_validate(cfg: dict, run_dir, n_folds: int, progress: bool = True, n_bo
             metrics = json.loads(done.read_text())
         else:
             model_path = fit(fold_cfg, fold_dir, progress, manifest=fold)
+            if not is_main_process():  # a DDP worker trains the folds; rank 0 tests them
+                continue
             metrics = evaluate_bundle(model_path, fold_dir / "eval", n_boot=n_boot, shortcut_probe=False,
                                       manifest=fold)
         folds.append(_headline(metrics))
+    if not is_main_process():
+        return {}
     summary = {"config": cfg["name"], "dataset": cfg["dataset"], "n_folds": n_folds,
                "threshold": 0.5, "folds": folds, "mean": {}, "sd": {}}
     for key in (k for k in folds[0] if k != "n_test"):

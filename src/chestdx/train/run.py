@@ -118,8 +118,9 @@ def build_datasets(cfg: dict, progress: bool = True, manifest=None) -> dict:
 
 
 def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None, manifest=None,
-        init_from=None, freeze=()) -> Path | None:
-    """Train (or resume) and write `<run_dir>/model.pt`; returns its path (None on DDP ranks > 0).
+        init_from=None, freeze=()) -> Path:
+    """Train (or resume) and write `<run_dir>/model.pt`; returns its path (on DDP ranks > 0 too, which
+    train but do not write it).
 
     `manifest` replaces the config's dataset splits (e.g. one cross-validation fold); `datasets`
     passes ready-built ones (single models only); `init_from` is a bundle whose weights start the
@@ -169,23 +170,32 @@ def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None,
     last = run_dir / "checkpoints" / "last.ckpt"
     started = time.time()
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if last.exists() else None)
-    if trainer.global_rank != 0:  # rank 0 writes the bundle
-        return None
-    seconds = time.time() - started
-    epochs_run = max(1, trainer.current_epoch)
+    if trainer.global_rank == 0:  # rank 0 writes the bundle
+        seconds = time.time() - started
+        epochs_run = max(1, trainer.current_epoch)
+        best_path = best.best_model_path or str(last)
+        state = torch.load(best_path, map_location="cpu", weights_only=False)
+        module.load_state_dict(state["state_dict"])
+        module.eval()
+        val_metrics = validation_summary(module.model, module.heads, val_loader, cfg.get("evaluate", {}),
+                                         module.primary.name)
+        bundle = make_bundle(module.model, cfg, data_fingerprint=data["fingerprint"], validation=val_metrics,
+                             best_epoch=_best_epoch(state), seconds_per_epoch=seconds / epochs_run)
+        write_bundle(bundle, val_metrics, run_dir)
+    # Every DDP rank waits for the bundle, then goes on together (the next ensemble member, stage or fold:
+    # a later Trainer in these processes joins the same process group).
+    trainer.strategy.barrier()
+    return run_dir / "model.pt"
 
-    best_path = best.best_model_path or str(last)
-    state = torch.load(best_path, map_location="cpu", weights_only=False)
-    module.load_state_dict(state["state_dict"])
-    module.eval()
-    val_metrics = validation_summary(module.model, module.heads, val_loader, cfg.get("evaluate", {}),
-                                     module.primary.name)
-    bundle = make_bundle(module.model, cfg, data_fingerprint=data["fingerprint"],
-                         validation=val_metrics, best_epoch=_best_epoch(state), seconds_per_epoch=seconds / epochs_run)
-    return write_bundle(bundle, val_metrics, run_dir)
+
+def is_main_process() -> bool:
+    """False in the DDP worker processes (rank > 0), which train but write and report nothing."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
-def _fit_ensemble(cfg: dict, run_dir: Path, progress: bool, manifest=None) -> Path | None:
+def _fit_ensemble(cfg: dict, run_dir: Path, progress: bool, manifest=None) -> Path:
     t = cfg["train"]
     member_cfgs = [copy.deepcopy(cfg) for _ in range(int(t["ensemble"]))]
     for k, member_cfg in enumerate(member_cfgs):
@@ -203,11 +213,11 @@ def _fit_ensemble(cfg: dict, run_dir: Path, progress: bool, manifest=None) -> Pa
         if not runfolder.finished(member_dir, member_cfg):  # finished members are kept
             data = build_datasets(member_cfg, progress, manifest=manifest)
             path = fit(member_cfg, member_dir, progress, datasets=data)
-            if path is None:  # a DDP rank > 0
-                return None
         model, bundle = load_bundle(path)
         members.append(model)
         summaries.append(bundle)
+    if not is_main_process():
+        return run_dir / "model.pt"
     cfg["preprocess"] = summaries[0]["preprocess"]
     data = data or build_datasets(copy.deepcopy(cfg), progress, manifest=manifest)
     entry = get_entry(cfg["model"]["name"])

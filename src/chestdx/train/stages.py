@@ -14,6 +14,7 @@ import copy
 import shutil
 from pathlib import Path
 
+from chestdx.errors import ChestDxError
 from chestdx.train import runfolder
 from chestdx.train.config import deep_merge
 from chestdx.utils import atomic_path, write_json_atomic
@@ -34,21 +35,23 @@ def stage_configs(cfg: dict) -> list[tuple[str, dict, list]]:
 
 
 def fit_stages(cfg: dict, run_dir: Path, progress: bool = True, manifest=None) -> Path | None:
-    from chestdx.train.run import fit
+    from chestdx.train.run import fit, is_main_process
 
     previous = None
     done = []
     for folder, stage_cfg, freeze in stage_configs(cfg):
+        if int(stage_cfg["train"].get("ensemble") or 1) > 1:
+            raise ChestDxError(f"stage {folder}: train.ensemble > 1 cannot be one stage of a multi-stage run")
         stage_dir = run_dir / folder
         path = stage_dir / "model.pt"
         if not runfolder.finished(stage_dir, stage_cfg):
             path = fit(copy.deepcopy(stage_cfg), stage_dir, progress, manifest=manifest, init_from=previous,
                        freeze=freeze)
-            if path is None:  # a DDP rank > 0
-                return None
         done.append({"stage": folder, "freeze": freeze, "model": str(path)})
         previous = path
     final = run_dir / "model.pt"
+    if not is_main_process():
+        return final
     with atomic_path(final) as tmp:
         shutil.copyfile(previous, tmp)
     write_json_atomic(run_dir / "stages.json", done)
