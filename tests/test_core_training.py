@@ -132,3 +132,18 @@ def test_ddp_trains_every_member_of_an_ensemble_in_the_same_processes(toy_manife
     assert two.returncode == 0, two.stderr[-2000:]
     summary = json.loads((tmp_path / "ens" / "train_summary.json").read_text())
     assert [m["seed"] for m in summary["members"]] == [0, 1] and summary["ensemble"] == 2
+
+
+def test_a_finished_stage_is_not_reused_with_other_settings(toy_manifest, tmp_path):
+    torch.set_num_threads(1)
+    cfg = _two_stages(tmp_path, toy_manifest)
+    fit(cfg, tmp_path / "run", progress=False)
+    changed = load_config(tmp_path / "stages.yaml", [*toy_overrides(toy_manifest, model="toy_binary", epochs=2),
+                                                     "stages[1].train.lr=0.5"])
+    from chestdx.errors import ChestDxError
+
+    with pytest.raises(ChestDxError, match=r"stage1_head_only holds a run with other settings \(train\.lr"):
+        fit(changed, tmp_path / "run", progress=False)
+    more = load_config(tmp_path / "stages.yaml", toy_overrides(toy_manifest, model="toy_binary", epochs=3))
+    with pytest.raises(ChestDxError, match="trained from an earlier stage0_all"):
+        fit(more, tmp_path / "run", progress=False)  # stage 0 trains on; stage 1 was trained from the old one

@@ -140,9 +140,7 @@ def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None,
             raise ValueError("fit(datasets=...) is for single models; pass manifest= for an ensemble")
         return _fit_ensemble(cfg, run_dir, progress, manifest)
     t = cfg["train"]
-    fingerprint = datasets["fingerprint"] if datasets is not None else split_manifests(cfg, manifest)[1]
-    if init_from is not None or freeze:
-        fingerprint += f"|init={Path(init_from).name if init_from else None}|freeze={sorted(freeze)}"
+    fingerprint = run_fingerprint(cfg, manifest, init_from, freeze, datasets)
     runfolder.claim(run_dir, cfg, fingerprint)  # before any image is read
     L.seed_everything(t["seed"], workers=True, verbose=False)
     data = datasets or build_datasets(cfg, progress, manifest=manifest)
@@ -193,6 +191,15 @@ def is_main_process() -> bool:
     from lightning.pytorch.utilities import rank_zero_only
 
     return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def run_fingerprint(cfg: dict, manifest=None, init_from=None, freeze=(), datasets: dict | None = None) -> str:
+    """What a run folder records as its data: the train/val manifests, and for a stage the folder of
+    the stage it starts from and its frozen modules."""
+    fingerprint = datasets["fingerprint"] if datasets is not None else split_manifests(cfg, manifest)[1]
+    if init_from is not None or freeze:
+        fingerprint += f"|init={Path(init_from).parent.name if init_from else None}|freeze={sorted(freeze)}"
+    return fingerprint
 
 
 def _fit_ensemble(cfg: dict, run_dir: Path, progress: bool, manifest=None) -> Path:

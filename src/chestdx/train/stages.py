@@ -35,16 +35,26 @@ def stage_configs(cfg: dict) -> list[tuple[str, dict, list]]:
 
 
 def fit_stages(cfg: dict, run_dir: Path, progress: bool = True, manifest=None) -> Path | None:
-    from chestdx.train.run import fit, is_main_process
+    from chestdx.train.run import fit, is_main_process, prepare_config, run_fingerprint
 
+    stages = stage_configs(cfg)
     previous = None
-    done = []
-    for folder, stage_cfg, freeze in stage_configs(cfg):
+    for folder, stage_cfg, freeze in stages:  # every folder checked before any stage trains
         if int(stage_cfg["train"].get("ensemble") or 1) > 1:
             raise ChestDxError(f"stage {folder}: train.ensemble > 1 cannot be one stage of a multi-stage run")
+        prepare_config(stage_cfg)
+        runfolder.check(run_dir / folder, stage_cfg, run_fingerprint(stage_cfg, manifest, previous, freeze))
+        previous = run_dir / folder / "model.pt"
+    previous, retrained, done = None, False, []
+    for folder, stage_cfg, freeze in stages:
         stage_dir = run_dir / folder
         path = stage_dir / "model.pt"
-        if not runfolder.finished(stage_dir, stage_cfg):
+        finished = runfolder.finished(stage_dir, stage_cfg)
+        if retrained and finished:  # trained from an older version of the stage before it
+            raise ChestDxError(f"{stage_dir} was trained from an earlier {previous.parent.name}, which has just "
+                               "trained again: delete that folder to retrain the stage from it")
+        if not finished:
+            retrained = True
             path = fit(copy.deepcopy(stage_cfg), stage_dir, progress, manifest=manifest, init_from=previous,
                        freeze=freeze)
         done.append({"stage": folder, "freeze": freeze, "model": str(path)})
