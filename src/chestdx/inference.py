@@ -10,6 +10,7 @@ import torch
 from chestdx.data.io import read_image
 from chestdx.data.transforms import build_pipeline, tta_views
 from chestdx.errors import InputError
+from chestdx.explain.core import ordered_heads
 from chestdx.models.bundle import load_bundle, primary_head, thresholds
 from chestdx.tasks import heads_from
 
@@ -41,7 +42,7 @@ class Predictor:
     @property
     def explain_heads(self) -> list:
         """The heads in score-column order for the explainer: the primary head first."""
-        return sorted(self.heads, key=lambda h: h.name != self.primary.name)
+        return ordered_heads(self.heads, self.primary.name)
 
     @property
     def threshold(self) -> float | None:

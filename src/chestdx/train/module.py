@@ -113,19 +113,19 @@ class FreezeModules(BaseFinetuning):
         self.prefixes = [p.rstrip(".") for p in prefixes]
 
     def modules(self, pl_module) -> list:
-        found = [(name, mod) for name, mod in pl_module.model.named_modules()
-                 if any(name == p or name.startswith(p + ".") for p in self.prefixes)]
-        missing = [p for p in self.prefixes if not any(n == p or n.startswith(p + ".") for n, _ in found)]
+        named = dict(pl_module.model.named_modules())
+        missing = [p for p in self.prefixes if p not in named]
         if missing:
             raise ChestDxError(f"freeze: the model has no module {', '.join(map(repr, missing))}")
-        return [mod for name, mod in found if name in self.prefixes]
+        return [named[p] for p in self.prefixes]
 
     def freeze_before_training(self, pl_module):
-        self.freeze(self.modules(pl_module), train_bn=False)  # BN affine weights frozen too
+        self.frozen = self.modules(pl_module)  # looked up once, not on every batch
+        self.freeze(self.frozen, train_bn=False)  # BN affine weights frozen too
 
     def finetune_function(self, pl_module, epoch, optimizer):
         pass  # nothing is unfrozen during a stage
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        for mod in self.modules(pl_module):
+        for mod in self.frozen:
             mod.eval()
