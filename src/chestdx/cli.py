@@ -341,7 +341,7 @@ def datasets_list():
     for col in ("name", "modality", "present", "folder", "description"):
         table.add_column(col)
     for info in DATASETS.values():
-        table.add_row(info.name, info.modality, "yes" if (info.folder() / "manifest.csv").exists() else "no",
+        table.add_row(info.name, info.modality, "yes" if info.present() else "no",
                       str(info.folder()), info.description)
     console.print(table)
 

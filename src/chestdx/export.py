@@ -4,13 +4,19 @@
 sequence, as the bundle's sample kind says) and returns the raw output of each head (e.g.
 `logits` and `lesion_logits` for LA-DNN); `model.json` carries everything else a user of the
 model needs (heads, preprocessing, operating thresholds, validation metrics), so an ONNX model
-can be served without PyTorch.
+can be served without the model's Python code.
+
+A model with a step that is no tensor op (AG-CNN's connected components) declares
+`export_parts()`: its graphs in order and the dotted name of the NumPy step between them. Then
+`model.onnx` is the first graph, `model.<part>.onnx` the next ones, and `model.json` lists them.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +44,16 @@ class _Outputs(torch.nn.Module):
         return tuple(out[name] for name in self.names)
 
 
+@dataclass(frozen=True)
+class ExportPart:
+    """One graph of a model exported in parts: `module(*inputs)` returns the tuple `outputs`."""
+
+    name: str
+    module: torch.nn.Module
+    inputs: tuple
+    outputs: tuple
+
+
 def input_shape(bundle: dict) -> list[int]:
     """(1, C, *spatial) of the bundle's preprocessed sample: C = the slices of a sequence, else the
     preprocessing's channels; each spatial side the preprocessing's size."""
@@ -54,43 +70,92 @@ def metadata_path(onnx_path) -> Path:
 
 
 def export_onnx(bundle_path, out_path=None, opset: int = 17) -> Path:
-    """Write `<out>.onnx` and `<out>.json`; returns the ONNX path. Dynamic batch size."""
+    """Write `<out>.onnx` and `<out>.json` (and `<out>.<part>.onnx` for a model in parts); returns the
+    ONNX path. Dynamic batch size."""
     model, bundle = load_bundle(bundle_path)
     out_path = Path(out_path) if out_path else Path(bundle_path).with_suffix(".onnx")
     shape = input_shape(bundle)
-    names = [h.output for h in heads_from(bundle)]
-    wrapper = _Outputs(model, names).eval()
     example = torch.zeros(*shape)
-    with atomic_path(out_path) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
-        # The TorchScript exporter takes seconds where the dynamo one takes tens of seconds here.
-        torch.onnx.export(wrapper, (example,), str(tmp), input_names=["image"], output_names=names,
-                          dynamic_axes={"image": {0: "batch"}, **{n: {0: "batch"} for n in names}},
-                          opset_version=opset, dynamo=False)
-    meta = {"format": ONNX_FORMAT, "outputs": names, "input": {"name": "image", "shape": [None, *shape[1:]]},
+    meta = {"format": ONNX_FORMAT, "input": {"name": "image", "shape": [None, *shape[1:]]},
             **{k: bundle[k] for k in METADATA_KEYS if k in bundle}, "source": Path(bundle_path).name}
+    if hasattr(model, "export_parts"):
+        parts, between = model.export_parts()
+        meta.update(_export_parts(parts, between, example, out_path, bundle, opset))
+    else:
+        names = [h.output for h in heads_from(bundle)]
+        _export_graph(_Outputs(model, names).eval(), (example,), ("image",), names, out_path, opset)
+        meta["outputs"] = names
     write_json_atomic(metadata_path(out_path), meta)
     return out_path
 
 
-class OnnxModel:
-    """An ONNX Runtime session that answers like a chestdx model: x -> dict of tensors."""
+def _export_graph(module, example: tuple, inputs, outputs, path: Path, opset: int) -> None:
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
+        # The TorchScript exporter takes seconds where the dynamo one takes tens of seconds here.
+        torch.onnx.export(module.eval(), example, str(tmp), input_names=list(inputs), output_names=list(outputs),
+                          dynamic_axes={n: {0: "batch"} for n in (*inputs, *outputs)}, opset_version=opset,
+                          dynamo=False)
 
-    def __init__(self, onnx_path, threads: int | None = None):
+
+def _export_parts(parts, between: str, example, out_path: Path, bundle: dict, opset: int) -> dict:
+    """Each part traced on the outputs of the ones before it (and of the step between them)."""
+    step = _between_step(between)
+    values = {"image": example}
+    graphs = []
+    for k, part in enumerate(parts):
+        if k:
+            values.update({n: torch.from_numpy(v) for n, v in
+                           step({n: v.numpy() for n, v in values.items()}, bundle.get("model_kwargs", {})).items()})
+        path = out_path if k == 0 else out_path.with_name(f"{out_path.stem}.{part.name}.onnx")
+        inputs = tuple(values[n] for n in part.inputs)
+        with torch.no_grad():
+            values.update(zip(part.outputs, part.module.eval()(*inputs)))
+        _export_graph(part.module, inputs, part.inputs, part.outputs, path, opset)
+        graphs.append({"file": path.name, "inputs": list(part.inputs), "outputs": list(part.outputs)})
+    return {"graphs": graphs, "between": between, "outputs": [n for g in graphs for n in g["outputs"]]}
+
+
+def _between_step(name: str):
+    module, _, function = name.partition(":")
+    try:
+        return getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as err:
+        raise ChestDxError(f"ONNX metadata names the step {name!r}, which cannot be loaded ({err})") from None
+
+
+class OnnxModel:
+    """ONNX Runtime sessions that answer like a chestdx model: x -> dict of tensors. A model exported
+    in parts runs its graphs in order with the NumPy step between them (its boxes are outputs too)."""
+
+    def __init__(self, onnx_path, threads: int | None = None, meta: dict | None = None):
         import onnxruntime as ort
 
+        meta = meta or {}
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        except Exception as err:
-            raise ChestDxError(f"{onnx_path}: not a loadable ONNX model ({err})") from None
-        self.names = [o.name for o in self.session.get_outputs()]
+        onnx_path = Path(onnx_path)
+        graphs = meta.get("graphs") or [{"file": onnx_path.name, "inputs": ["image"], "outputs": None}]
+        self.sessions = []
+        for k, graph in enumerate(graphs):
+            path = onnx_path if k == 0 else onnx_path.with_name(graph["file"])
+            try:
+                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            except Exception as err:
+                raise ChestDxError(f"{path}: not a loadable ONNX model ({err})") from None
+            self.sessions.append((session, graph["inputs"], [o.name for o in session.get_outputs()]))
+        self.names = [n for _, _, outputs in self.sessions for n in outputs]
+        self.step = _between_step(meta["between"]) if meta.get("between") else None
+        self.model_kwargs = meta.get("model_kwargs", {})
 
     def __call__(self, x: torch.Tensor) -> dict:
-        outputs = self.session.run(None, {"image": np.ascontiguousarray(x.numpy(), dtype=np.float32)})
-        return {name: torch.from_numpy(value) for name, value in zip(self.names, outputs)}
+        values = {"image": np.ascontiguousarray(x.numpy(), dtype=np.float32)}
+        for k, (session, inputs, outputs) in enumerate(self.sessions):
+            if k:
+                values.update(self.step(values, self.model_kwargs))
+            values.update(zip(outputs, session.run(None, {n: values[n] for n in inputs})))
+        return {name: torch.from_numpy(np.asarray(value)) for name, value in values.items() if name != "image"}
 
     def eval(self):
         return self
@@ -103,4 +168,13 @@ def load_onnx(onnx_path) -> tuple[OnnxModel, dict]:
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != ONNX_FORMAT:
         raise ChestDxError(f"{meta_file}: not chestdx ONNX metadata (expected format {ONNX_FORMAT})")
-    return OnnxModel(onnx_path), meta
+    return OnnxModel(onnx_path, meta=meta), meta
+
+
+def part_files(meta_file) -> list[str]:
+    """The graph files after the first that an export's metadata lists (not models of their own)."""
+    try:
+        meta = json.loads(Path(meta_file).read_text())
+    except (OSError, ValueError):
+        return []
+    return [g["file"] for g in (meta.get("graphs") or [])[1:]] if isinstance(meta, dict) else []

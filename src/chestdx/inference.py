@@ -59,15 +59,21 @@ class Predictor:
         return self.prepare(gray)[1]
 
     @torch.no_grad()
-    def predict_tensor(self, x: torch.Tensor) -> dict:
+    def predict_tensor(self, x: torch.Tensor, with_boxes: bool = False):
         """x: a preprocessed batch. Returns numpy probabilities per head name: (B,) of the positive class
-        for a binary head, (B, K) over the classes of a multi-class head, (B, L) for a multi-label head."""
+        for a binary head, (B, K) over the classes of a multi-class head, (B, L) for a multi-label head.
+        `with_boxes`: also the model's attention crop boxes of the unmirrored view ((B, 4) x0, y0, x1, y1
+        on the model's grid; None for a model without them): returns (probabilities, boxes)."""
         per_head = {h.name: [] for h in self.heads}
-        for view in tta_views(x, self.tta, self.tta_scales):
+        boxes = None
+        for k, view in enumerate(tta_views(x, self.tta, self.tta_scales)):
             out = self.model(view)
+            if k == 0 and "boxes" in out:
+                boxes = out["boxes"].numpy()
             for h in self.heads:
                 per_head[h.name].append(h.kind.probabilities(out[h.output]))
-        return {name: torch.stack(p).mean(0).numpy() for name, p in per_head.items()}
+        probs = {name: torch.stack(p).mean(0).numpy() for name, p in per_head.items()}
+        return (probs, boxes) if with_boxes else probs
 
     def predict_source(self, source, name: str | None = None) -> dict:
         image = read_image(source, name=name)

@@ -40,23 +40,38 @@ class Head:
     labels: tuple
     output: str = "logits"
     column: str = "label"  # the manifest column of a single-label head; a multilabel head reads one per label
+    mean_over: tuple = ()  # the labels a multilabel head's mean AUC averages (empty: all)
 
     def __post_init__(self):
         if self.task not in TASK_KINDS:
             raise ValueError(f"head {self.name!r}: task {self.task!r} is not one of {TASK_KINDS}")
         if self.task == "binary" and len(self.labels) != 2:
             raise ValueError(f"binary head {self.name!r} needs (negative, positive) labels")
+        if set(self.mean_over) - set(self.labels):
+            raise ValueError(f"head {self.name!r}: mean_over names labels it does not have")
+
+    @property
+    def averaged(self) -> tuple:
+        """The labels its mean score averages."""
+        return tuple(self.mean_over) or tuple(self.labels)
 
     @property
     def kind(self) -> "Task":
         return TASKS[self.task]
 
+    def score(self, y, probs, known=None) -> float:
+        """The task's selection score; a multilabel head's mean over its `averaged` labels."""
+        if self.task != "multilabel":
+            return self.kind.score(y, probs, known)
+        return self.kind.score(y, probs, known, columns=[self.labels.index(n) for n in self.averaged])
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "labels": list(self.labels)}
+        return {**asdict(self), "labels": list(self.labels), "mean_over": list(self.mean_over)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Head":
-        return cls(d["name"], d["task"], tuple(d["labels"]), d.get("output", "logits"), d.get("column", "label"))
+        return cls(d["name"], d["task"], tuple(d["labels"]), d.get("output", "logits"), d.get("column", "label"),
+                   tuple(d.get("mean_over", ())))
 
 
 class Task:
@@ -178,8 +193,9 @@ class Multilabel(Task):
             out.append(youden_threshold(yj, probs[known[:, j], j]) if len(np.unique(yj)) == 2 else 0.5)
         return out
 
-    def score(self, y, probs, known=None):
+    def score(self, y, probs, known=None, columns=None):
         aucs = per_label_auc(y, probs, known)
+        aucs = aucs if columns is None else [aucs[j] for j in columns]
         finite = [a for a in aucs if np.isfinite(a)]
         return float(np.mean(finite)) if finite else 0.5
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
+from chestdx.data.cxr14_labels import CXR14_LABELS, NIH_LABELS, NO_FINDING
 from chestdx.data.manifest import Manifest
 from chestdx.errors import ChestDxError
 from chestdx.settings import data_root
@@ -26,6 +29,9 @@ class DatasetInfo:
     def folder(self) -> Path:
         return data_root() / self.name
 
+    def present(self) -> bool:
+        return (self.folder() / "manifest.csv").is_file()
+
     def manifest(self) -> Manifest:
         folder = self.folder()
         csv = folder / "manifest.csv"
@@ -35,6 +41,36 @@ class DatasetInfo:
                 f"Download the public original: {self.source}"
             )
         return Manifest.from_csv(csv, classes=self.classes, extra_labels=self.extra_labels)
+
+    def boxes(self) -> pd.DataFrame | None:
+        """Annotated boxes (`path, finding, x, y, w, h` in pixels of the stored image), if the dataset has them."""
+        csv = self.folder() / "boxes.csv"
+        return pd.read_csv(csv) if csv.is_file() else None
+
+
+@dataclass(frozen=True)
+class NIHSample(DatasetInfo):
+    """The NIH ChestX-ray14 rows of cxr-covid with their 14 labels and `No Finding` (1 where none of
+    the 14 is present): AG-CNN's 15 outputs on a small real sample, with cxr-covid's patient split."""
+
+    base: str = "cxr-covid"
+
+    def folder(self) -> Path:
+        return data_root() / self.base
+
+    def manifest(self) -> Manifest:
+        m = DATASETS[self.base].manifest()
+        frame = m.frame[m.frame["source"] == "nih"].copy()
+        labels = frame[list(NIH_LABELS)].apply(pd.to_numeric, errors="coerce")
+        if labels.isna().any().any():
+            raise ChestDxError(f"{self.folder() / 'manifest.csv'}: NIH rows with an empty ChestX-ray14 label")
+        frame[NO_FINDING] = (labels.sum(axis=1) == 0).astype(int)
+        return Manifest.from_frame(frame, m.root, classes=m.classes, extra_labels=CXR14_LABELS,
+                                   source=f"{self.name} (from {self.base})")
+
+    def boxes(self) -> pd.DataFrame | None:
+        boxes = super().boxes()
+        return None if boxes is None else boxes[boxes["path"].str.startswith("images/nih/")].reset_index(drop=True)
 
 
 DATASETS = {
@@ -56,7 +92,33 @@ DATASETS = {
         source="github.com/ieee8023/covid-chestxray-dataset, the Hannover COVID CXR set and NIH ChestX-ray14; "
                "see the README in the dataset folder",
     ),
+    "cxr14-sample": NIHSample(
+        name="cxr14-sample",
+        description="the 999 NIH ChestX-ray14 images of cxr-covid: 14 disease labels + No Finding, patient split, "
+                    "254 boxes on 160 images",
+        modality="CXR",
+        classes=("normal", "pneumonia", "covid"),
+        extra_labels=CXR14_LABELS,
+        source="the NIH rows of cxr-covid (NIH ChestX-ray14, nihcc.app.box.com/v/ChestXray-NIHCC)",
+    ),
 }
+
+
+def register_dataset(info) -> None:
+    """Add a named dataset (any object with name, description, modality, source, folder(), present(),
+    manifest() and boxes())."""
+    if info.name in DATASETS:
+        raise ValueError(f"dataset {info.name!r} registered twice")
+    DATASETS[info.name] = info
+
+
+def _register_releases() -> None:
+    from chestdx.data.chestxray14 import ChestXray14Release
+
+    register_dataset(ChestXray14Release())
+
+
+_register_releases()
 
 
 @dataclass(frozen=True)
@@ -75,8 +137,14 @@ class ManifestFile:
     def folder(self) -> Path:
         return Path(self.path).parent
 
+    def present(self) -> bool:
+        return Path(self.path).is_file()
+
     def manifest(self) -> Manifest:
         return Manifest.from_csv(self.path)
+
+    def boxes(self) -> pd.DataFrame | None:
+        return None
 
 
 def get_dataset(name: str) -> DatasetInfo | ManifestFile:

@@ -137,11 +137,12 @@ def evaluate_binary(y_true, prob, groups, threshold: float, n_boot: int = 1000, 
     return out
 
 
-def multilabel_metrics(y_true, prob, known, labels, thresholds, min_positives: int = 10) -> dict:
+def multilabel_metrics(y_true, prob, known, labels, thresholds, min_positives: int = 10, mean_over=None) -> dict:
     """Per label (over the images whose label is known): AUC, and sensitivity, specificity, F1 at
     that label's threshold, with its positives; the means over the estimable labels (at least
-    `min_positives` positives and one negative) as `macro_*`, the others marked not estimable
-    instead of averaged in silently (AG-CNN's Table I reports the plain mean)."""
+    `min_positives` positives and one negative) of `mean_over` (default: all) as `macro_*`, the
+    others marked not estimable instead of averaged in silently (AG-CNN's Table I reports the
+    plain mean of the 14 diseases)."""
     y, p = np.asarray(y_true, dtype=float), np.asarray(prob, dtype=float)
     k = np.ones_like(y, dtype=bool) if known is None else np.asarray(known, dtype=bool)
     per_label = {}
@@ -157,7 +158,8 @@ def multilabel_metrics(y_true, prob, known, labels, thresholds, min_positives: i
             "positives": positives, "negatives": negatives,
             "estimable": positives >= min_positives and negatives > 0,
         }
-    estimable = [n for n in labels if per_label[n]["estimable"]]
+    averaged = set(labels if not mean_over else mean_over)
+    estimable = [n for n in labels if per_label[n]["estimable"] and n in averaged]
     out = {key: float(np.nanmean([per_label[n][key] for n in estimable])) if estimable else float("nan")
            for key in ("auc", "sensitivity", "specificity", "f1")}
     out = {f"macro_{k}": v for k, v in out.items()}
@@ -167,9 +169,9 @@ def multilabel_metrics(y_true, prob, known, labels, thresholds, min_positives: i
 
 
 def evaluate_multilabel(y_true, prob, known, groups, labels, thresholds, n_boot: int = 1000, seed: int = 0,
-                        min_positives: int = 10) -> dict:
-    """`multilabel_metrics` with patient-bootstrap 95% CIs of each label's AUC and of the macro values."""
-    point = multilabel_metrics(y_true, prob, known, labels, thresholds, min_positives)
+                        min_positives: int = 10, mean_over=None) -> dict:
+    """`multilabel_metrics` with patient-bootstrap 95% CIs of each label's AUC and of the macro AUC."""
+    point = multilabel_metrics(y_true, prob, known, labels, thresholds, min_positives, mean_over)
     if not n_boot:
         return point
     y, p = np.asarray(y_true, dtype=float), np.asarray(prob, dtype=float)

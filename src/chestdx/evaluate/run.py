@@ -174,6 +174,12 @@ def _write_predictions(split: dict, predictor: Predictor, threshold: float, path
         frame.to_csv(tmp, index=False, float_format="%.5f")
 
 
+def _multilabel(head, predictor: Predictor, split: dict, n_boot: int) -> dict:
+    y, known = split["targets"][head.name]
+    return evaluate_multilabel(y, split["probs"][head.name], known, split["patients"], head.labels,
+                               predictor.thresholds[head.name], n_boot=n_boot, mean_over=head.averaged)
+
+
 def _evaluate_multilabel(predictor: Predictor, info, splits: dict, out_dir: Path, n_boot: int) -> dict:
     """Per-label and macro metrics at the per-label thresholds chosen on validation, with patient-bootstrap CIs."""
     bundle, head = predictor.bundle, predictor.primary
@@ -185,11 +191,14 @@ def _evaluate_multilabel(predictor: Predictor, info, splits: dict, out_dir: Path
         "dataset": info.name, "data_fingerprint": bundle.get("data_fingerprint"), "labels": list(head.labels),
         "n_test": int(len(test["y"])), "n_test_patients": int(len(set(test["patients"]))),
         "thresholds_from_validation": dict(zip(head.labels, thresholds)),
-        "validation": evaluate_multilabel(val["y"], val["prob"], val["known"], val["patients"], head.labels,
-                                          thresholds, n_boot=0),
-        "test": evaluate_multilabel(test["y"], test["prob"], test["known"], test["patients"], head.labels,
-                                    thresholds, n_boot=n_boot),
+        "mean_over": list(head.averaged),
+        "validation": _multilabel(head, predictor, val, n_boot=0),
+        "test": _multilabel(head, predictor, test, n_boot=n_boot),
     }
+    others = [h for h in predictor.heads if h.task == "multilabel" and h.name != head.name]
+    if others:  # e.g. AG-CNN's global and local branches, each a head
+        metrics["validation_heads"] = {h.name: _multilabel(h, predictor, val, n_boot=0) for h in others}
+        metrics["test_heads"] = {h.name: _multilabel(h, predictor, test, n_boot=n_boot) for h in others}
     curves = {name: (test["y"][test["known"][:, j] > 0, j], test["prob"][test["known"][:, j] > 0, j])
               for j, name in enumerate(head.labels)}
     curves = {name: y_p for name, y_p in curves.items() if len(np.unique(y_p[0])) == 2}

@@ -7,6 +7,9 @@ The model contract (what a method module provides so that its model can be expla
 - `target_layer()` returns the module whose activations the CAM family weighs;
 - optionally `native_maps(x)` returns the model's own attention, (B, M, *spatial); its maps
   are averaged over M (MAG-SD's mean attention map);
+- optionally `cam_layer(head_name)` gives each head its own layer (AG-CNN's branches) and
+  `cam_to_input(maps, x, head_name)` carries a head's maps onto the input grid (the local
+  branch sees a crop);
 
 Nothing here assumes 2D: a (B, C, D, H, W) input gives (D, H, W) maps (Score-CAM excepted,
 which pytorch-grad-cam implements for 2D only).
@@ -81,7 +84,20 @@ def score_matrix(out: dict, heads) -> torch.Tensor:
 
 
 def column_names(heads) -> list[str]:
-    return [name for h in heads for name in h.labels]
+    """One name per score column: the label, or `head:label` where another head has the same label
+    (AG-CNN's branches: `Pneumonia` is the fusion head's, `global:Pneumonia` the global branch's)."""
+    heads = list(heads)
+    seen = {}
+    for h in heads:
+        for label in h.labels:
+            seen[label] = seen.get(label, 0) + 1
+    return [label if seen[label] == 1 or k == 0 else f"{h.name}:{label}"
+            for k, h in enumerate(heads) for label in h.labels]
+
+
+def column_heads(heads) -> list:
+    """The head of each score column."""
+    return [h for h in heads for _ in h.labels]
 
 
 def score_probabilities(scores: torch.Tensor, heads) -> torch.Tensor:
@@ -177,28 +193,34 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam++", t
     predicted = probs[:, :n_classes].argmax(1).numpy()
     columns = np.stack([predicted if col is None else np.full(len(images), col) for _, col in specs], axis=1)
 
+    owners = column_heads(heads)
     per_target = []
     for t in range(len(specs)):
         chunks = []
         for start in range(0, len(images), batch_size):
             x = images[start:start + batch_size]
             cols = columns[start:start + batch_size, t]
-            chunks.append(_native(model, x) if method == "native" else _cam(method, model, scorer, x, cols))
+            head = owners[int(cols[0])]  # a target's columns all belong to one head
+            chunks.append(_native(model, x) if method == "native" else _cam(method, model, scorer, x, cols, head))
         per_target.append(np.concatenate(chunks))
     maps = np.stack(per_target, axis=1).astype(np.float32)
     return Explanation(maps, [label for label, _ in specs], columns, names, probs.numpy())
 
 
-def _cam(method: str, model, scorer, x: torch.Tensor, cols) -> np.ndarray:
+def _cam(method: str, model, scorer, x: torch.Tensor, cols, head) -> np.ndarray:
     if not hasattr(model, "target_layer"):
         raise ChestDxError(f"{type(model).__name__} declares no target_layer(); CAM methods need one")
     if method == "scorecam" and x.ndim != 4:
         raise ChestDxError("Score-CAM is implemented for 2D images only; use gradcam or gradcam++ for volumes")
-    layers = model.target_layers() if hasattr(model, "target_layers") else [model.target_layer()]
+    if hasattr(model, "cam_layer"):
+        layers = [model.cam_layer(head.name)]
+    else:
+        layers = model.target_layers() if hasattr(model, "target_layers") else [model.target_layer()]
     with torch.enable_grad(), CAM_METHODS[method](model=scorer, target_layers=layers) as cam:
         if method == "scorecam":
             cam.batch_size = 64
-        return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in cols])
+        maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in cols])
+    return model.cam_to_input(maps, x, head.name) if hasattr(model, "cam_to_input") else maps
 
 
 def _native(model, x: torch.Tensor) -> np.ndarray:

@@ -15,14 +15,21 @@ import numpy as np  # noqa: E402
 from chestdx.utils import atomic_path, write_text_atomic  # noqa: E402
 
 
-def overlay_png(gray: np.ndarray, heat: np.ndarray, path, title: str, box=None, alpha: float = 0.45) -> None:
-    """The image in grey, the [0, 1] map in jet on top, a colour bar, the title, the box if any."""
+def overlay_png(gray: np.ndarray, heat: np.ndarray, path, title: str, box=None, alpha: float = 0.45,
+                crop=None) -> None:
+    """The image in grey, the [0, 1] map in jet on top, a colour bar, the title, the map's box if any
+    (white) and the model's own crop box (x0, y0, x1, y1; AG-CNN's local branch input) dashed in lime."""
     fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=110)
     ax.imshow(gray, cmap="gray", vmin=0, vmax=1)
     shown = ax.imshow(heat, cmap="jet", vmin=0, vmax=1, alpha=alpha)
     if box is not None:
         (y0, y1), (x0, x1) = box
         ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="white", lw=1.5))
+    if crop is not None:
+        x0, y0, x1, y1 = crop
+        ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="lime", lw=1.5,
+                                   ls="--", label="model's crop"))
+        ax.legend(loc="lower right", fontsize=7, framealpha=0.6)
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="attention")
@@ -32,11 +39,21 @@ def overlay_png(gray: np.ndarray, heat: np.ndarray, path, title: str, box=None, 
     plt.close(fig)
 
 
-def overlay_rgb(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """(H, W, 3) uint8 RGB overlay without axes, for the web service."""
+def overlay_rgb(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.45, crop=None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB overlay without axes, for the web service; the model's crop box in lime."""
     g = np.clip(gray * 255 + 0.5, 0, 255).astype(np.uint8)
     colour = cv2.applyColorMap(np.clip(heat * 255 + 0.5, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
-    return np.clip((1 - alpha) * np.stack([g] * 3, -1) + alpha * colour, 0, 255).astype(np.uint8)
+    out = np.clip((1 - alpha) * np.stack([g] * 3, -1) + alpha * colour, 0, 255).astype(np.uint8)
+    if crop is not None:
+        draw_box(out, crop)
+    return out
+
+
+def draw_box(rgb: np.ndarray, box, colour=(0, 255, 0)) -> np.ndarray:
+    """Draw (x0, y0, x1, y1), end-exclusive pixels, into an RGB array in place."""
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    cv2.rectangle(rgb, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), colour, 1)
+    return rgb
 
 
 def write_mask_png(mask: np.ndarray, path) -> None:

@@ -58,10 +58,15 @@ def explain_files(checkpoint, files, out_dir, method: str = "gradcam++", targets
         chunk = loaded[start:start + batch_size]
         x = torch.cat([item[3] for item in chunk])
         result = explain(predictor.model, x, method, list(targets), predictor.explain_heads)
-        probs = predictor.predict_tensor(x)
+        probs, crops = predictor.predict_tensor(x, with_boxes=True)
         for b, (i, path, shown, _) in enumerate(chunk):
             verdict = predictor.describe({name: p[b] for name, p in probs.items()})
-            label = result.column_name(b, 0) if isinstance(verdict["prediction"], list) else verdict["prediction"]
+            crop = None if crops is None else [float(v) for v in crops[b]]
+            if isinstance(verdict["prediction"], list):  # multi-label: the labels above their thresholds
+                label = ", ".join(verdict["prediction"]) or "no label above its threshold"
+                p_label = max([verdict["probabilities"][n] for n in verdict["prediction"]] or [0.0])
+            else:
+                label, p_label = verdict["prediction"], verdict["probabilities"][verdict["prediction"]]
             for t, target in enumerate(result.target_names):
                 column = result.column_name(b, t)
                 heat = result.maps[b, t]
@@ -69,9 +74,9 @@ def explain_files(checkpoint, files, out_dir, method: str = "gradcam++", targets
                 box = bounding_box(mask)
                 stem = f"{i:03d}_{_safe(path.stem)}_{_safe(column)}"
                 p_target = float(result.probabilities[b, result.columns[b, t]])
-                title = (f"{path.name}\npredicted {label} (p={verdict['probabilities'][label]:.2f}) · "
+                title = (f"{path.name}\npredicted {label} (p={p_label:.2f}) · "
                          f"{method} for {column} (p={p_target:.2f})")
-                overlay_png(shown, heat, out_dir / f"{stem}.png", title, box)
+                overlay_png(shown, heat, out_dir / f"{stem}.png", title, box, crop=crop)
                 np.save(out_dir / f"{stem}.npy", heat)
                 write_mask_png(mask, out_dir / f"{stem}_mask.png")
                 box_json = {"image": str(path), "target": column, "method": method, "threshold": threshold,
@@ -79,7 +84,8 @@ def explain_files(checkpoint, files, out_dir, method: str = "gradcam++", targets
                 write_json_atomic(out_dir / f"{stem}_box.json", box_json)
                 records.append({"image": str(path), "target": column, "requested": target, "overlay": f"{stem}.png",
                                 "map": f"{stem}.npy", "mask": f"{stem}_mask.png", "box": box_json["box"],
-                                "target_probability": p_target, "prediction": label,
+                                "target_probability": p_target, "prediction": verdict["prediction"],
+                                "model_crop_box": crop,
                                 "probabilities": verdict["probabilities"],
                                 **{h.name: verdict.get(h.name) for h in predictor.heads if h.name in verdict}})
                 gallery.append({"image": path.name, "overlay": f"{stem}.png",

@@ -1,6 +1,7 @@
 """Models: backbones in one registry, one module per published method, each registering its
 models (and its training method) beside them."""
 
+from chestdx.models.agcnn import AGCNN
 from chestdx.models.backbones import BACKBONES, backbone_names, create_backbone
 from chestdx.models.ladnn import LADNN, LESIONS
 from chestdx.models.magsd import MAGSD
@@ -9,5 +10,5 @@ from chestdx.models.registry import ModelEntry, create_model, get_entry, list_mo
 
 load_plugins()  # CHESTDX_PLUGINS: modules that register more models and methods
 
-__all__ = ["BACKBONES", "LADNN", "MAGSD", "PlainClassifier", "LESIONS", "ModelEntry", "backbone_names", "create_backbone",
+__all__ = ["AGCNN", "BACKBONES", "LADNN", "MAGSD", "PlainClassifier", "LESIONS", "ModelEntry", "backbone_names", "create_backbone",
            "create_model", "get_entry", "list_models", "register"]

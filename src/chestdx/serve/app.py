@@ -25,7 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from chestdx.data.io import decode_image
 from chestdx.errors import InputError
 from chestdx.explain import explain
-from chestdx.explain.render import overlay_rgb
+from chestdx.explain.render import draw_box, overlay_rgb
 from chestdx.serve.db import Database
 from chestdx.serve.deid import deidentify_dicom
 from chestdx.serve.registry import ServedModel, load_models
@@ -107,16 +107,21 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         predictor = served.predictor
         shown, x = predictor.prepare(image.to_gray())
         t_pre = time.perf_counter()
-        out = predictor.predict_tensor(x)
+        out, boxes = predictor.predict_tensor(x, with_boxes=True)
         verdict = predictor.describe({name: p[0] for name, p in out.items()})
         t_inf = time.perf_counter()
         result = {"model": served.name, **verdict}
+        crop = None
+        if boxes is not None:  # the model's own crop (AG-CNN's local branch input), on the model's grid
+            crop = [float(v) for v in boxes[0]]
+            result["crop_box"] = {"x0": crop[0], "y0": crop[1], "x1": crop[2], "y1": crop[3],
+                                  "grid": list(shown.shape[:2])}
         if heatmap and served.explainer is not None:
             with served.lock:
                 heat = explain(served.explainer.model, x, settings.heatmap_method, "predicted",
                                served.explainer.explain_heads).maps[0, 0]
-            result["heatmap"] = {"method": settings.heatmap_method, "target": verdict["prediction"],
-                                 **_heatmap_pngs(shown, heat)}
+            result["heatmap"] = {"method": settings.heatmap_method, "target": _as_text(verdict["prediction"]),
+                                 **_heatmap_pngs(shown, heat, crop)}
         t_heat = time.perf_counter()
         result["timings_ms"] = {k: round(v * 1000, 2) for k, v in (
             ("decode", t_decode - started), ("preprocess", t_pre - t_decode), ("inference", t_inf - t_pre),
@@ -188,12 +193,16 @@ def _png_b64(rgb_or_rgba: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode()
 
 
-def _heatmap_pngs(shown: np.ndarray, heat: np.ndarray) -> dict:
-    """The image, the heat map alone (for the opacity slider) and a ready-made overlay."""
+def _heatmap_pngs(shown: np.ndarray, heat: np.ndarray, crop=None) -> dict:
+    """The image, the heat map alone (for the opacity slider) and a ready-made overlay; the model's
+    crop box, if any, drawn on the image and the overlay."""
     grey = np.clip(shown * 255 + 0.5, 0, 255).astype(np.uint8)
     colour = cv2.applyColorMap(np.clip(heat * 255 + 0.5, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
-    return {"image_png": _png_b64(np.stack([grey] * 3, -1)), "heatmap_png": _png_b64(colour),
-            "overlay_png": _png_b64(overlay_rgb(shown, heat))}
+    image = np.ascontiguousarray(np.stack([grey] * 3, -1))
+    if crop is not None:
+        draw_box(image, crop)
+    return {"image_png": _png_b64(image), "heatmap_png": _png_b64(colour),
+            "overlay_png": _png_b64(overlay_rgb(shown, heat, crop=crop))}
 
 
 def _stored_image(data: bytes, fmt: str) -> tuple[bytes, str]:

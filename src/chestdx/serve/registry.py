@@ -63,8 +63,11 @@ def load_models(folder, cache_dir) -> dict[str, ServedModel]:
         torch_predictor = Predictor(bundle)
         predictor = Predictor(onnx) if onnx.exists() else _exported(bundle, Path(cache_dir)) or torch_predictor
         models[bundle.stem] = ServedModel(bundle.stem, predictor, torch_predictor, [bundle.name])
+    from chestdx.export import part_files
+
+    parts = {name for meta in folder.glob("*.json") for name in part_files(meta)}  # later graphs of a model in parts
     for onnx in sorted(folder.glob("*.onnx")):
-        if onnx.stem not in models:
+        if onnx.stem not in models and onnx.name not in parts:
             models[onnx.stem] = ServedModel(onnx.stem, Predictor(onnx), None, [onnx.name])
     if not models:
         raise ChestDxError(f"{folder}: no models (*.pt bundles or *.onnx exports) found")

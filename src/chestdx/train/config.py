@@ -292,6 +292,7 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "freeze_stages": Key(0, Int(min=0), doc="backbone stem + stages kept frozen"),
         "optimizer": Key("adamw", STR, choices=("adamw", "sgd")),
         "head_lr_factor": Key(10, Number(above=0), doc="heads learn at lr * this"),
+        "monitor": Key("", STR, doc="the head whose validation score picks the best epoch (empty: the primary)"),
     },
     "data": {
         "cache": Key("memory", STR, choices=("memory", "disk", "none"), doc="where preprocessed images are kept"),

@@ -17,6 +17,7 @@ from chestdx.errors import ChestDxError
 from chestdx.models import get_entry
 from chestdx.models.backbones import freeze_stages
 from chestdx.models.bundle import model_kwargs
+from chestdx.tasks import head_by_name
 from chestdx.train.methods import get_method
 
 
@@ -29,6 +30,8 @@ class ChestDxModule(L.LightningModule):
         self.entry = get_entry(m["name"])
         self.heads = list(self.entry.heads)
         self.primary = self.entry.primary_head
+        # The head whose validation score picks the best epoch (a stage of AG-CNN: its branch).
+        self.monitor = head_by_name(self.heads, config["train"].get("monitor") or self.primary.name)
         self.model = self.entry.build(pretrained=m.get("pretrained"), **model_kwargs(m))
         stages = int(config["train"].get("freeze_stages") or 0)
         if stages:
@@ -67,22 +70,25 @@ class ChestDxModule(L.LightningModule):
 
     def validation_step(self, batch, _):
         out = self.model(batch["image"])
-        head = self.primary
-        self._val.append((head.kind.probabilities(out[head.output]).float(), batch["targets"][head.name],
-                          batch["known"][head.name]))
+        self._val.append({h.name: (h.kind.probabilities(out[h.output]).float(), batch["targets"][h.name],
+                                   batch["known"][h.name]) for h in self.heads})
 
     def on_validation_epoch_end(self):
         if not self._val:
             return
-        probs, targets, known = (torch.cat([v[i] for v in self._val]) for i in range(3))
-        self._val.clear()
-        if self.trainer.world_size > 1:  # every rank scores the whole validation set
-            probs, targets, known = (self.all_gather(t).flatten(0, 1) for t in (probs, targets, known))
-        p, y, k = probs.cpu().numpy(), targets.cpu().numpy(), known.cpu().numpy()
-        task = self.primary.kind
-        self.log("val_auc", task.score(y, p, k), prog_bar=True)
-        if self.primary.task != "multilabel":
-            self.log("val_acc", float((task.decide(p, [0.5]) == y).mean()), prog_bar=True)
+        steps, self._val = self._val, []
+        for head in self.heads:
+            probs, targets, known = (torch.cat([step[head.name][i] for step in steps]) for i in range(3))
+            if self.trainer.world_size > 1:  # every rank scores the whole validation set
+                probs, targets, known = (self.all_gather(t).flatten(0, 1) for t in (probs, targets, known))
+            p, y, k = probs.cpu().numpy(), targets.cpu().numpy(), known.cpu().numpy()
+            score = head.score(y, p, k)
+            if len(self.heads) > 1:
+                self.log(f"val_auc_{head.name}", score)
+            if head is self.monitor:
+                self.log("val_auc", score, prog_bar=True)
+                if head.task != "multilabel":
+                    self.log("val_acc", float((head.kind.decide(p, [0.5]) == y).mean()), prog_bar=True)
 
     def configure_optimizers(self):
         t = self.config["train"]

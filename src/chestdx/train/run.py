@@ -176,7 +176,7 @@ def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None,
         module.load_state_dict(state["state_dict"])
         module.eval()
         val_metrics = validation_summary(module.model, module.heads, val_loader, cfg.get("evaluate", {}),
-                                         module.primary.name)
+                                         module.monitor.name)
         bundle = make_bundle(module.model, cfg, data_fingerprint=data["fingerprint"], validation=val_metrics,
                              best_epoch=_best_epoch(state), seconds_per_epoch=seconds / epochs_run)
         write_bundle(bundle, val_metrics, run_dir)
@@ -254,8 +254,9 @@ def _best_epoch(state) -> int | None:
 
 @torch.no_grad()
 def validation_summary(model, heads, loader, evaluate: dict, primary: str) -> dict:
-    """The primary head's validation score and accuracy with the test-time views the bundle records
-    (none unless the config asks), and each head's operating thresholds chosen on validation."""
+    """The `primary` head's validation score and accuracy with the test-time views the bundle records
+    (none unless the config asks), every head's score, and each head's operating thresholds chosen on
+    validation."""
     heads = list(heads)
     probs = {h.name: [] for h in heads}
     for batch in loader:
@@ -264,16 +265,19 @@ def validation_summary(model, heads, loader, evaluate: dict, primary: str) -> di
         for h in heads:
             probs[h.name].append(torch.stack([h.kind.probabilities(o[h.output]) for o in outs]).mean(0))
     data = loader.dataset
-    thresholds, summary = {}, {}
+    thresholds, summary, by_head = {}, {}, {}
     for h in heads:
         p = torch.cat(probs[h.name]).numpy()
         y, known = data.head_arrays(h.name)
         if h.task != "multiclass":
             thresholds[h.name] = h.kind.choose_thresholds(y, p, known)
+        by_head[h.name] = h.score(y, p, known)
         if h.name == primary:
-            summary = {"auc": h.kind.score(y, p, known)}
+            summary = {"auc": by_head[h.name], "head": h.name}
             if h.task != "multilabel":
                 summary["accuracy"] = float((h.kind.decide(p, [0.5]) == y).mean())
+    if len(heads) > 1:
+        summary["auc_by_head"] = by_head
     summary["thresholds"] = thresholds
     return summary
 
