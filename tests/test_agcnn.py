@@ -255,3 +255,15 @@ def test_service_returns_the_crop_box(agcnn_bundle, nih_images, tmp_path):
     assert crop["grid"] == [64, 64] and 0 <= crop["x0"] < crop["x1"] <= 64 and 0 <= crop["y0"] < crop["y1"] <= 64
     assert set(body["probabilities"]) == set(CXR14_LABELS) and isinstance(body["threshold"], dict)
     assert {"global", "local"} <= set(body) and body["heatmap"]["target"] is not None
+
+
+def test_checkpoint_score_leaves_out_labels_with_few_positives():
+    rng = np.random.default_rng(0)
+    y = np.zeros((60, 2))
+    y[:12, 0] = 1  # A: 12 positives
+    y[[20, 40], 1] = 1  # B: 2 positives, ranked perfectly below
+    p = np.column_stack([np.where(y[:, 0] > 0, 0.6, 0.4) + rng.normal(0, 0.15, 60), y[:, 1] * 0.9 + 0.05])
+    head = Head("x", "multilabel", ("A", "B"), output="x")
+    auc_a = multilabel_metrics(y, p, None, ("A", "B"), [0.5, 0.5])["per_label"]["A"]["auc"]
+    assert head.score(y, p) == pytest.approx(auc_a)  # B's AUC of 1.0 from 2 positives does not count
+    assert get_task("multilabel").score(y, p, min_positives=1) == pytest.approx((auc_a + 1.0) / 2)

@@ -299,3 +299,26 @@ def test_some_images_missing_warns_once_and_drops(tmp_path, monkeypatch):
     full = _by_image(ChestXray14Release().manifest())
     part = _by_image(m)
     assert (part["split"] == full.loc[part.index, "split"]).all()
+
+
+def test_agcnn_trains_and_evaluates_on_the_release_streaming_from_disk(release, tmp_path):
+    """configs/agcnn_chestxray14.yaml end to end on the fake release: three stages, the disk cache
+    (no image held in memory between epochs), and the per-branch evaluation of the official test split."""
+    from chestdx.evaluate.run import evaluate_bundle
+    from chestdx.train.config import apply_override, read_config_file, validate
+    from chestdx.train.run import fit
+
+    raw = read_config_file(Path(__file__).resolve().parents[1] / "configs" / "agcnn_chestxray14.yaml")
+    for stage in raw["stages"]:
+        stage["train"]["batch_size"] = 4
+    for item in ("model.backbone=resnet18", "model.pretrained=null", "preprocess.size=32", "train.epochs=1",
+                 "train.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}", "evaluate.bootstrap=20"):
+        apply_override(raw, item)
+    cfg = validate(raw)
+    assert cfg["dataset"] == "chestx-ray14" and cfg["data"]["cache"] == "disk"
+    model_path = fit(cfg, tmp_path / "run", progress=False)
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) > 0  # images went to the disk cache
+    metrics = evaluate_bundle(model_path, tmp_path / "eval", n_boot=20, shortcut_probe=False)
+    official_test = (release / "test_list.txt").read_text().split()
+    assert metrics["n_test"] == len(official_test)
+    assert set(metrics["test_heads"]) == {"global", "local"} and metrics["primary"] == "fusion"

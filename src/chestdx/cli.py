@@ -357,6 +357,12 @@ def datasets_describe(name: str):
     counts = frame.groupby(["split", "label"]).size().unstack(fill_value=0)
     counts["all"] = counts.sum(axis=1)
     console.print(counts.to_string())
+    labels = [c for c in getattr(info, "extra_labels", ()) if c in frame.columns]
+    if labels:  # a multi-label dataset: positives per label and split (empty cells are unknown)
+        import pandas as pd
+
+        values = frame[labels].apply(pd.to_numeric, errors="coerce")
+        console.print("positives per label:\n" + values.groupby(frame["split"]).sum().astype(int).T.to_string())
     console.print(f"patients: {frame['patient_id'].nunique()}, images: {len(frame)}")
 
 

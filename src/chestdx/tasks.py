@@ -29,6 +29,7 @@ from chestdx.errors import ChestDxError
 
 TASK_KINDS = ("binary", "multiclass", "multilabel")
 _EPS = 1e-6
+SCORE_MIN_POSITIVES = 10  # a multilabel score averages labels with this many positives (evaluation's "estimable")
 
 
 @dataclass(frozen=True)
@@ -193,11 +194,19 @@ class Multilabel(Task):
             out.append(youden_threshold(yj, probs[known[:, j], j]) if len(np.unique(yj)) == 2 else 0.5)
         return out
 
-    def score(self, y, probs, known=None, columns=None):
+    def score(self, y, probs, known=None, columns=None, min_positives: int = SCORE_MIN_POSITIVES):
+        """The mean AUC over the labels (of `columns`) with at least `min_positives` positives, as
+        the evaluation's estimable labels: an AUC from one or two positives would decide the
+        checkpoint by chance. Over every label with a positive when none has that many."""
+        y, probs = np.asarray(y), np.asarray(probs)
+        known = np.ones_like(y, dtype=bool) if known is None else np.asarray(known, dtype=bool)
+        columns = range(y.shape[1]) if columns is None else columns
         aucs = per_label_auc(y, probs, known)
-        aucs = aucs if columns is None else [aucs[j] for j in columns]
-        finite = [a for a in aucs if np.isfinite(a)]
-        return float(np.mean(finite)) if finite else 0.5
+        positives = ((y > 0.5) & known).sum(0)
+        finite = [j for j in columns if np.isfinite(aucs[j])]
+        enough = [j for j in finite if positives[j] >= min_positives]
+        chosen = enough or finite
+        return float(np.mean([aucs[j] for j in chosen])) if chosen else 0.5
 
     def stratify_key(self, y, known=None):
         # Rows grouped by their rarest positive label keeps rare labels spread over the folds.

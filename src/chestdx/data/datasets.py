@@ -129,6 +129,7 @@ class ManifestFile:
     path: str
     description: str = "a manifest file"
     modality: str = ""
+    source: str = "your own manifest"
 
     @property
     def name(self) -> str:

@@ -111,7 +111,8 @@ def report_multilabel_markdown(metrics: dict, config: dict) -> str:
         "reported once. 95% CIs by bootstrap over patients. A label with fewer than 10 test positives is not "
         "estimable and is left out of the mean.",
         "",
-        f"Mean AUC over the {len(test['estimable_labels'])} estimable labels: {_fmt(test, 'macro_auc')}",
+        f"Mean AUC over the {len(test['estimable_labels'])} estimable labels{_averaged(metrics, test)}: "
+        f"{_fmt(test, 'macro_auc')}",
         "",
         "| label | test positives | AUC (%) [95% CI] | sensitivity | specificity | F1 | paper AUC |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -122,12 +123,29 @@ def report_multilabel_markdown(metrics: dict, config: dict) -> str:
         paper_value = paper.get(name)
         lines.append(f"| {name} | {m['positives']} | {auc} | {_pct(m['sensitivity'])} | {_pct(m['specificity'])} | "
                      f"{_pct(m['f1'])} | {'-' if paper_value is None else f'{paper_value:.1f}'} |")
+    heads = metrics.get("test_heads") or {}
+    if heads:  # e.g. AG-CNN's global and local branches beside the fusion
+        tests = {metrics["primary"]: test, **heads}
+        lines += ["", "## Every head on the test split", "",
+                  "| label | test positives | " + " | ".join(f"{h} AUC (%)" for h in tests) + " |",
+                  "| --- | --- |" + " --- |" * len(tests)]
+        for name, m in test["per_label"].items():
+            cells = [_fmt(t["per_label"][name], "auc") if t["per_label"][name]["estimable"] else "not estimable"
+                     for t in tests.values()]
+            lines.append(f"| {name} | {m['positives']} | " + " | ".join(cells) + " |")
+        lines.append("| mean, estimable | | " + " | ".join(_fmt(t, "macro_auc") for t in tests.values()) + " |")
     if config.get("paper", {}).get("source"):
         lines += ["", f"Paper figures: {config['paper']['source']}."]
     lines += ["", "## Figures", "", "![ROC](roc.png)", "",
               "Per-image predictions: `predictions_test.csv`; all numbers: `metrics.json`.", "",
               "Research use only; not for diagnosis."]
     return "\n".join(lines) + "\n"
+
+
+def _averaged(metrics: dict, test: dict) -> str:
+    """Which labels the mean is over, where the head averages only some (AG-CNN: the 14 diseases)."""
+    over = metrics.get("mean_over") or []
+    return "" if not over or len(over) == len(test["per_label"]) else f" of the {len(over)} the mean is over"
 
 
 def _pct(value) -> str:

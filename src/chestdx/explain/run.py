@@ -63,8 +63,10 @@ def explain_files(checkpoint, files, out_dir, method: str = "gradcam++", targets
             verdict = predictor.describe({name: p[b] for name, p in probs.items()})
             crop = None if crops is None else [float(v) for v in crops[b]]
             if isinstance(verdict["prediction"], list):  # multi-label: the labels above their thresholds
-                label = ", ".join(verdict["prediction"]) or "no label above its threshold"
-                p_label = max([verdict["probabilities"][n] for n in verdict["prediction"]] or [0.0])
+                above = sorted(verdict["prediction"], key=lambda n: -verdict["probabilities"][n])
+                label = (", ".join(above[:2]) + (f" +{len(above) - 2}" if len(above) > 2 else "")
+                         if above else "no label above its threshold")
+                p_label = verdict["probabilities"][above[0]] if above else 0.0
             else:
                 label, p_label = verdict["prediction"], verdict["probabilities"][verdict["prediction"]]
             for t, target in enumerate(result.target_names):
