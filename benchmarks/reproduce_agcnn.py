@@ -125,7 +125,11 @@ def crop_vs_boxes(model_path: Path) -> dict:
     from chestdx.data.datasets import get_dataset
     from chestdx.data.io import read_image
     from chestdx.evaluate.metrics import mean_with_ci
+    from chestdx.explain.localization import box_iou
     from chestdx.inference import Predictor
+
+    def _iou(a, b):  # (x0, y0, x1, y1) boxes as box_iou's (y, x) half-open intervals
+        return box_iou([(a[1], a[3]), (a[0], a[2])], [(b[1], b[3]), (b[0], b[2])])
 
     predictor = Predictor(model_path)
     info = get_dataset(predictor.bundle["config"]["dataset"])
@@ -162,14 +166,6 @@ def crop_vs_boxes(model_path: Path) -> dict:
             "centre_in_crop": stat("centre_in_crop"), "iou": stat("iou"),
             "centred_box_of_same_size": {"centre_in_crop": stat("centre_in_centred"), "iou": stat("iou_centred")},
             "crop_area_share": stat("crop_area_share")}
-
-
-def _iou(a, b) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
 
 
 def markdown(result: dict) -> str:

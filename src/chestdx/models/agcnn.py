@@ -195,8 +195,8 @@ class AGCNN(nn.Module):
         """The local branch's maps are on its crop: each is resized into its box on the input grid."""
         if head != "local":
             return maps
-        with torch.no_grad():
-            boxes = self(x)["boxes"].round().int().tolist()
+        with torch.no_grad():  # the global pass alone decides the box
+            boxes = attention_boxes(self.global_pass(x)["heatmap"], self.tau).round().int().tolist()
         out = np.zeros((len(maps), *x.shape[-2:]), np.float32)
         for k, (x0, y0, x1, y1) in enumerate(boxes):
             if x1 > x0 and y1 > y0:
@@ -233,7 +233,7 @@ class _CropGraph(nn.Module):
 def boxes_between(outputs: dict, model_kwargs: dict) -> dict:
     """The step between the exported graphs: the crop boxes from the global graph's heat map."""
     tau = float(model_kwargs.get("tau", inspect.signature(AGCNN).parameters["tau"].default))
-    return {"boxes": np.array([attention_box(h, tau) for h in np.asarray(outputs["heatmap"])], np.float32)}
+    return {"boxes": attention_boxes(torch.from_numpy(np.asarray(outputs["heatmap"])), tau).numpy()}
 
 
 @register_method
