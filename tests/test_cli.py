@@ -169,3 +169,9 @@ def test_evaluate_localization_scores_energy_in_ct_lungs(trained, covid_ct_dir, 
     assert 0 <= energy["mean"] <= 1 and energy["n"] >= 4
     per_image = pd.read_csv(out / "localization_per_image.csv")
     assert len(per_image) == 6 and per_image["energy_in_lungs"].dropna().between(0, 1).all()
+
+
+def test_a_command_group_alone_prints_its_help_without_a_traceback(tmp_path):
+    proc = run(["datasets"], tmp_path, check=False)
+    assert proc.returncode == 0 and "describe" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr

@@ -88,3 +88,18 @@ def test_multiclass_metrics_against_hand_computation():
     full = evaluate_multiclass(np.tile(y, 5), np.tile(prob, (5, 1)), np.arange(40), classes, n_boot=200)
     lo, hi = full["macro_f1_ci"]
     assert lo <= full["macro_f1"] <= hi
+
+
+def test_precision_recall_f1_per_class_and_weighted_by_hand():
+    from chestdx.evaluate.metrics import precision_recall_f1
+
+    y = np.array([0, 0, 0, 1, 1, 2])
+    pred = np.array([0, 0, 1, 1, 2, 2])
+    m = precision_recall_f1(y, pred, ("a", "b", "c"))
+    # a: TP 2, FP 0, FN 1 -> P 1, R 2/3; b: TP 1, FP 1, FN 1 -> 1/2, 1/2; c: TP 1, FP 1, FN 0 -> 1/2, 1
+    assert m["per_class"]["a"] == pytest.approx({"precision": 1.0, "recall": 2 / 3, "f1": 0.8, "support": 3})
+    assert m["per_class"]["c"]["precision"] == pytest.approx(0.5) and m["per_class"]["c"]["recall"] == 1.0
+    f1 = {"a": 0.8, "b": 0.5, "c": 2 / 3}
+    assert m["weighted"]["f1"] == pytest.approx((3 * f1["a"] + 2 * f1["b"] + 1 * f1["c"]) / 6)
+    assert m["weighted"]["recall"] == pytest.approx(4 / 6)  # support-weighted recall is accuracy
+    assert m["macro"]["f1"] == pytest.approx(np.mean(list(f1.values())))

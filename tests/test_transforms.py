@@ -349,3 +349,48 @@ def test_pipeline_3d_is_reproducible_per_seed_and_moves_the_mask():
     np.testing.assert_array_equal(a["mask"], b["mask"])
     assert not np.array_equal(a["image"], c["image"])
     assert set(np.unique(a["mask"])) == {0, 1} and not np.array_equal(a["mask"], loaded["mask"])
+
+
+def test_vertical_flip_and_gaussian_blur_from_the_config():
+    import cv2
+
+    from chestdx.data.transforms import RandomFlip, RandomGaussianBlur
+
+    x = np.arange(12, dtype=np.float32).reshape(1, 3, 4)
+    flipped = RandomFlip(axis=0, p=1.0)({"image": x}, np.random.default_rng(0))["image"]
+    np.testing.assert_array_equal(flipped[0], x[0][::-1])  # rows reversed: up-down
+    spike = np.zeros((2, 15, 15), np.float32)
+    spike[:, 7, 7] = 1.0
+    blur = RandomGaussianBlur(kernel=7, sigma=(1.0, 1.0))
+    out = blur({"image": spike}, np.random.default_rng(0))["image"]
+    kernel = cv2.getGaussianKernel(7, 1.0)
+    np.testing.assert_allclose(out[0, 4:11, 4:11], kernel @ kernel.T, atol=1e-6)  # the 7 x 7 Gaussian itself
+    np.testing.assert_array_equal(out[0], out[1])  # every slice of a sequence alike
+    with pytest.raises(ChestDxError, match="odd"):
+        RandomGaussianBlur(kernel=6)
+    _, steps = build_pipeline({"size": 8}, train=True, aug={"affine": False, "hflip": 0, "vflip": 1.0, "blur": 1.0})
+    names = [type(s).__name__ for s in steps.steps]
+    assert names[:2] == ["RandomFlip", "RandomGaussianBlur"]
+
+
+def test_lung_crop_zooms_onto_the_lungs_and_leaves_a_slice_without_lungs():
+    from chestdx.data.transforms import LungCrop
+
+    h, w = 128, 160
+    yy, xx = np.mgrid[0:h, 0:w]
+    body = (((yy - 64) / 56) ** 2 + ((xx - 80) / 70) ** 2) <= 1
+    lungs = ((((yy - 64) / 24) ** 2 + ((xx - 58) / 14) ** 2) <= 1) | ((((yy - 64) / 24) ** 2 + ((xx - 102) / 14) ** 2) <= 1)
+    slice_ = np.where(body, 0.6, 0.0).astype(np.float32)
+    slice_[lungs] = 0.05
+    step = LungCrop(margin=0.0)
+    y0, y1, x0, x1 = step.box(slice_)
+    assert abs(y0 - 40) <= 2 and abs(y1 - 89) <= 2 and abs(x0 - 44) <= 2 and abs(x1 - 117) <= 2
+    flat = np.full((h, w), 0.5, np.float32)
+    out = step({"image": np.stack([slice_, flat])})["image"]
+    assert out.shape == (2, h, w)
+    def lung_share(x):  # lung pixels (0.05), not the air around the body (0)
+        return float(((x > 0.01) & (x < 0.3)).mean())
+
+    assert lung_share(slice_) == pytest.approx(lungs.mean(), abs=0.01)
+    assert lung_share(out[0]) > 3 * lung_share(slice_)  # the lungs now fill the frame
+    np.testing.assert_array_equal(out[1], flat)  # no lungs found: unchanged

@@ -115,17 +115,31 @@ def predict(
     inputs: List[Path] = typer.Argument(..., help="PNG/JPEG/DICOM files or folders"),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="model bundle (default: the installed model)"),
     out: Optional[Path] = typer.Option(None, "--out", help="write .csv or .json here instead of printing"),
+    montage: Optional[Path] = typer.Option(None, "--montage",
+                                           help="sequence models: write each series' weighted attention montage here"),
 ):
-    """Predict class (and lesion) probabilities for image files."""
+    """Predict class (and lesion) probabilities for image files, or per series for a sequence model
+    (each input one series: a DICOM folder, a NIfTI file or a folder of slice images)."""
     from chestdx.inference import Predictor, expand_inputs
 
     predictor = Predictor(checkpoint or _default_model())
-    files = expand_inputs(inputs)
+    series = predictor.sample == "sequence"
+    if montage and not series:
+        raise ChestDxError("--montage is for sequence models (att2_bilstm); use chestdx explain for images")
+    files = expand_inputs(inputs, series=series)
     if not files:
         raise ChestDxError("no image files found in the given inputs")
     rows, failed = [], 0
     for path in files:
         try:
+            if montage:
+                from chestdx.explain.sequence import write_series_montage
+
+                result, shown, x = predictor.predict_series(path)
+                result["montage"] = str(write_series_montage(predictor, result, shown, x,
+                                                             montage / f"{_safe_stem(path)}.png"))
+                rows.append({"path": str(path), **result})
+                continue
             rows.append({"path": str(path), **predictor.predict_source(path)})
         except ChestDxError as err:
             failed += 1
@@ -137,6 +151,11 @@ def predict(
         print(json.dumps(rows, indent=2))
     if failed:
         raise typer.Exit(code=2)
+
+
+def _safe_stem(path: Path) -> str:
+    name = path.name[:-7] if path.name.endswith(".nii.gz") else path.stem
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "series"
 
 
 def _write_predictions(rows, out: Path):
@@ -433,6 +452,8 @@ def main() -> None:
         err_console.print("aborted")
         sys.exit(130)
     except Exception as exc:  # usage errors from typer's click (a vendored copy in recent typer)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `chestdx datasets` alone: the help was printed
+            sys.exit(0)
         if type(exc).__name__ in ("UsageError", "BadParameter", "NoSuchOption", "MissingParameter",
                                   "BadOptionUsage", "BadArgumentUsage", "ClickException", "FileError"):
             exc.show()

@@ -82,7 +82,7 @@ def export_onnx(bundle_path, out_path=None, opset: int = 17) -> Path:
         parts, between = model.export_parts()
         meta.update(_export_parts(parts, between, example, out_path, bundle, opset))
     else:
-        names = [h.output for h in heads_from(bundle)]
+        names = [h.output for h in heads_from(bundle)] + list(getattr(model, "export_outputs", ()))
         _export_graph(_Outputs(model, names).eval(), (example,), ("image",), names, out_path, opset)
         meta["outputs"] = names
     write_json_atomic(metadata_path(out_path), meta)

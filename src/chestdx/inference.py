@@ -33,6 +33,7 @@ class Predictor:
         self.heads = heads_from(self.bundle)
         self.primary = primary_head(self.bundle)
         self.spatial_dims = int(self.bundle.get("spatial_dims", 2))
+        self.sample = self.bundle.get("sample", "image")
         self.load_steps, self.sample_steps = build_pipeline(self.bundle["preprocess"], train=False,
                                                             spatial_dims=self.spatial_dims)
         self.thresholds = {h.name: thresholds(self.bundle, h) for h in self.heads}
@@ -76,11 +77,42 @@ class Predictor:
         return (probs, boxes) if with_boxes else probs
 
     def predict_source(self, source, name: str | None = None) -> dict:
+        if self.sample == "sequence":
+            return self.predict_series(source)[0]
         image = read_image(source, name=name)
         if image.meta.get("frames", 1) > 1:
             raise InputError(name or source, f"{image.meta['frames']}-frame DICOM given to a 2D model; send one slice")
         out = self.predict_tensor(self.preprocess(image.to_gray()))
         return self.describe({k: v[0] for k, v in out.items()})
+
+    def read_series(self, source):
+        """A series (DICOM folder, NIfTI file, slice folder) as the model's sequence: the drawn slices
+        (a `Volume` in [0, 1], meta["slice_indices"] their place in the series) and the input (1, S, H, W)."""
+        from chestdx.data.dataset import reader_for
+
+        seq = reader_for("sequence", self.bundle["preprocess"]).volume(source)
+        shown = self.load_steps({"image": seq.array})["image"]
+        x = self.sample_steps({"image": shown})["image"]
+        return seq, shown, torch.from_numpy(np.ascontiguousarray(x))[None]
+
+    def predict_series(self, source) -> tuple[dict, np.ndarray, torch.Tensor]:
+        """One series' verdict with the sequence attention per drawn slice (`slices`: index in the
+        series sorted along its axis, file, attention), the slices shown and the model input."""
+        seq, shown, x = self.read_series(source)
+        with torch.no_grad():
+            out = self.model(x)
+        probs = self.predict_tensor(x) if self.tta else \
+            {h.name: h.kind.probabilities(out[h.output]).numpy() for h in self.heads}
+        result = self.describe({k: v[0] for k, v in probs.items()})
+        attention = out.get("slice_attention")
+        files = seq.meta.get("files") or [None] * seq.n_slices
+        result["slices"] = []
+        for k, (index, name) in enumerate(zip(seq.meta["slice_indices"], files)):
+            entry = {"index": int(index), "file": name}
+            if attention is not None:
+                entry["attention"] = float(attention[0, k])
+            result["slices"].append(entry)
+        return result, shown, x
 
     def describe(self, probs: dict) -> dict:
         """One image's head probabilities as a verdict: the primary head's probabilities and decision
@@ -107,8 +139,11 @@ class Predictor:
         return result
 
 
-def expand_inputs(inputs) -> list[Path]:
-    """Files as given; folders expanded to the image files inside them (sorted)."""
+def expand_inputs(inputs, series: bool = False) -> list[Path]:
+    """Files as given; folders expanded to the image files inside them (sorted). With `series` (a
+    sequence model), each input is one series as it is: a folder or a NIfTI file."""
+    if series:
+        return [Path(item) for item in inputs]
     files = []
     for item in map(Path, inputs):
         if item.is_dir():

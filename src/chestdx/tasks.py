@@ -81,7 +81,7 @@ class Task:
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def loss(self, logits, target, known=None, label_smoothing: float = 0.0) -> torch.Tensor:
+    def loss(self, logits, target, known=None, label_smoothing: float = 0.0, class_weights=None) -> torch.Tensor:
         raise NotImplementedError
 
     def combine(self, logits: list[torch.Tensor]) -> torch.Tensor:
@@ -118,9 +118,16 @@ class Binary(Task):
     def probabilities(self, logits):
         return torch.sigmoid(logits)
 
-    def loss(self, logits, target, known=None, label_smoothing: float = 0.0):
-        """Binary cross entropy; label smoothing moves targets towards 0.5."""
-        return _masked_bce(logits, _smoothed(target, label_smoothing), known)
+    def loss(self, logits, target, known=None, label_smoothing: float = 0.0, class_weights=None):
+        """Binary cross entropy; label smoothing moves targets towards 0.5; `class_weights` (negative,
+        positive) weigh each image by its class (a weighted mean, as cross entropy's `weight`)."""
+        if class_weights is None:
+            return _masked_bce(logits, _smoothed(target, label_smoothing), known)
+        w = torch.as_tensor(class_weights, dtype=logits.dtype, device=logits.device)[target.long()]
+        if known is not None:
+            w = w * known.to(w.dtype)
+        per = F.binary_cross_entropy_with_logits(logits, _smoothed(target, label_smoothing), reduction="none")
+        return (per * w).sum() / w.sum().clamp(min=1e-12)
 
     def decide(self, probs, thresholds):
         return (np.asarray(probs) >= float(_first(thresholds))).astype(int)
@@ -146,13 +153,15 @@ class Multiclass(Task):
     def probabilities(self, logits):
         return torch.softmax(logits, dim=1)
 
-    def loss(self, logits, target, known=None, label_smoothing: float = 0.0):
+    def loss(self, logits, target, known=None, label_smoothing: float = 0.0, class_weights=None):
         if known is not None and not bool(known.all()):
             keep = known.bool()
             if not keep.any():
                 return logits.sum() * 0.0
             logits, target = logits[keep], target[keep]
-        return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+        weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=logits.dtype,
+                                                                    device=logits.device)
+        return F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing)
 
     def logits_of(self, p):
         return p.clamp_min(_EPS).log()
@@ -173,8 +182,10 @@ class Multilabel(Task):
     def probabilities(self, logits):
         return torch.sigmoid(logits)
 
-    def loss(self, logits, target, known=None, label_smoothing: float = 0.0):
+    def loss(self, logits, target, known=None, label_smoothing: float = 0.0, class_weights=None):
         """Binary cross entropy per label, averaged over the known (image, label) entries."""
+        if class_weights is not None:
+            raise ChestDxError("train.class_weights is for binary and multi-class heads")
         per_entry = F.binary_cross_entropy_with_logits(logits, _smoothed(target, label_smoothing), reduction="none")
         mask = torch.ones_like(per_entry) if known is None else known.float()
         return (per_entry * mask).sum() / mask.sum().clamp(min=1.0)
@@ -219,6 +230,14 @@ class Multilabel(Task):
             labels = np.flatnonzero(row)
             keys.append("none" if not len(labels) else str(labels[np.argmin(freq[labels])]))
         return np.asarray(keys)
+
+
+def balanced_class_weights(y, known, n_classes: int) -> list[float]:
+    """w_c = N / (K N_c): inversely proportional to each class's frequency among the known labels,
+    1 on average over the images (scikit-learn's "balanced"); a class without images gets 0."""
+    y = np.asarray(y)[np.asarray(known, dtype=bool)].astype(int)
+    counts = np.bincount(y, minlength=n_classes).astype(float)
+    return [float(len(y) / (n_classes * c)) if c else 0.0 for c in counts]
 
 
 def per_label_auc(y, probs, known=None) -> list[float]:

@@ -38,20 +38,51 @@ def read_volume_channels(path) -> np.ndarray:
 
 
 class SequenceReader:
-    """`length` evenly spaced slices of a volume as channels (S, H, W) (ResNet50-ATT2 draws 16)."""
+    """`length` evenly spaced slices of a volume as channels (S, H, W) in [0, 1] (ResNet50-ATT2 draws 16).
 
-    def __init__(self, length: int = 16):
+    A DICOM CT series arrives in HU and is put through `hu_window` [center, width] (the lung window
+    -600 / 1500 by default for the sequence models); slice-image folders are already in [0, 1] and pass
+    unchanged. `size` (H, W) resizes slice folders whose slices differ in size (letterboxed when
+    `keep_aspect`, as the training pipeline resizes)."""
+
+    def __init__(self, length: int = 16, size=None, keep_aspect: bool = True, hu_window=None):
         self.length = int(length)
+        self.size = None if size is None else tuple(int(s) for s in size)
+        self.keep_aspect = bool(keep_aspect)
+        self.hu_window = None if hu_window is None else (float(hu_window[0]), float(hu_window[1]))
+
+    def volume(self, path):
+        """The drawn sequence as a `Volume` (its meta names the slices drawn), windowed to [0, 1]."""
+        from dataclasses import replace
+
+        from chestdx.data.transforms import Window
+        from chestdx.data.volumes import draw_sequence, read_volume
+        from chestdx.errors import InputError
+
+        seq = draw_sequence(read_volume(path, size=self.size, keep_aspect=self.keep_aspect), self.length)
+        if seq.meta.get("units") == "HU":
+            if self.hu_window is None:
+                raise InputError(path, "a CT series in Hounsfield units needs the model's preprocess.hu_window "
+                                       "[center, width] (e.g. the lung window [-600, 1500])")
+            windowed = Window(*self.hu_window)({"image": seq.array})["image"]
+            seq = replace(seq, array=windowed, meta={**seq.meta, "units": "intensity",
+                                                     "hu_window": list(self.hu_window)})
+        return seq
 
     def __call__(self, path) -> np.ndarray:
-        from chestdx.data.volumes import draw_sequence, read_volume
-
-        return draw_sequence(read_volume(path), self.length).array
+        return self.volume(path).array
 
 
-def reader_for(sample_kind: str, sequence_length: int = 16):
-    return {"image": read_image_channels, "volume": read_volume_channels,
-            "sequence": SequenceReader(sequence_length)}[sample_kind]
+def reader_for(sample_kind: str, preprocess: dict | None = None):
+    """The file reader of a sample kind; a sequence reader takes its length, size and HU window from
+    `preprocess`."""
+    pre = preprocess or {}
+    if sample_kind == "sequence":
+        size = pre.get("size", 224)
+        size = (int(size), int(size)) if np.isscalar(size) else tuple(size)
+        return SequenceReader(pre.get("sequence_length", 16), size, pre.get("resize", "pad") == "pad",
+                              pre.get("hu_window"))
+    return {"image": read_image_channels, "volume": read_volume_channels}[sample_kind]
 
 
 class _Loaded:

@@ -114,8 +114,10 @@ def register_dataset(info) -> None:
 
 def _register_releases() -> None:
     from chestdx.data.chestxray14 import ChestXray14Release
+    from chestdx.data.sequences import ComposedSequences
 
     register_dataset(ChestXray14Release())
+    register_dataset(ComposedSequences())
 
 
 _register_releases()

@@ -173,6 +173,49 @@ class Resize:
                          for r, c in zip(resized, x)])
 
 
+class LungCrop:
+    """The paper's lung box (ResNet50-ATT2, Sec. II-A): each slice cropped to the bounding box of its lungs
+    (`chestdx.explain.lungs.ct_lung_mask`, classical), widened by `margin` of the box on each side, and
+    resized back onto the slice's own grid keeping its aspect ratio (padded with the crop's border
+    median), so a sequence keeps one shape. A slice whose lungs cover under `min_fraction` of it (no
+    lungs found) is left as it is. 2D (a sequence: slice by slice); `meta` is not touched."""
+
+    def __init__(self, margin: float = 0.05, min_fraction: float = 0.02, spatial_dims: int = 2,
+                 keys=SPATIAL_KEYS, nearest=NEAREST_KEYS):
+        self.spatial_dims = _only_2d("LungCrop", spatial_dims, "the lung mask is found slice by slice")
+        self.margin, self.min_fraction = float(margin), float(min_fraction)
+        self.keys, self.nearest = tuple(keys), tuple(nearest)
+
+    def box(self, gray: np.ndarray):
+        """(y0, y1, x0, x1) of the widened lung box, or None."""
+        from chestdx.explain.lungs import ct_lung_mask
+
+        mask = ct_lung_mask(gray)
+        if mask.mean() < self.min_fraction:
+            return None
+        ys, xs = np.nonzero(mask)
+        h, w = gray.shape
+        dy, dx = self.margin * (ys.max() - ys.min() + 1), self.margin * (xs.max() - xs.min() + 1)
+        return (max(0, int(ys.min() - dy)), min(h, int(ys.max() + 1 + dy)),
+                max(0, int(xs.min() - dx)), min(w, int(xs.max() + 1 + dx)))
+
+    def __call__(self, sample, rng=None):
+        present = _spatial_fields(sample, self.keys, 2, "LungCrop")
+        out = dict(sample)
+        boxes = [self.box(c) for c in sample["image"]]
+        for k in present:
+            channels = []
+            for c, box in zip(sample[k], boxes if len(sample[k]) == len(boxes) else boxes[:1] * len(sample[k])):
+                if box is None:
+                    channels.append(c)
+                    continue
+                y0, y1, x0, x1 = box
+                fit = Resize(c.shape, keep_aspect=True, keys=(k,), nearest=self.nearest)
+                channels.append(fit({"image": c[None, y0:y1, x0:x1], k: c[None, y0:y1, x0:x1]})[k][0])
+            out[k] = np.stack(channels).astype(sample[k].dtype)
+        return out
+
+
 class Window:
     """CT window: clip HU to [center - width/2, center + width/2] and scale to [0, 1].
 
@@ -320,6 +363,29 @@ class RandomDownscale(_Intensity):
                                                     interpolation=cv2.INTER_LINEAR))
 
 
+class RandomGaussianBlur(_Intensity):
+    """Gaussian blur with sigma drawn from `sigma` per call (ResNet50-ATT2: kernel 7, sigma U(0.05, 2)),
+    each slice alike; 2D."""
+
+    def __init__(self, kernel: int = 7, sigma=(0.05, 2.0), p: float = 1.0, spatial_dims: int = 2, keys=("image",)):
+        super().__init__(keys)
+        self.spatial_dims = _only_2d("RandomGaussianBlur", spatial_dims, "it blurs within each slice")
+        if int(kernel) < 1 or int(kernel) % 2 == 0:
+            raise ChestDxError(f"RandomGaussianBlur: kernel must be an odd size >= 1, got {kernel!r}")
+        self.kernel, self.sigma, self.p = int(kernel), tuple(float(v) for v in sigma), float(p)
+
+    def draw(self, rng):
+        if rng.random() >= self.p:
+            return None
+        return float(rng.uniform(*self.sigma))
+
+    def apply(self, x, sigma):
+        k = self.kernel
+        return _per_channel(np.asarray(x, np.float32),
+                            lambda c: cv2.GaussianBlur(c, (k, k), sigmaX=sigma, sigmaY=sigma,
+                                                       borderType=cv2.BORDER_REFLECT_101))
+
+
 class RandomAffine:
     """LA-DNN augmentation: random shear (up to +-`shear`) and scale in `scale`, about the centre.
 
@@ -450,6 +516,8 @@ def build_pipeline(pre: dict, train: bool, aug: dict | None = None,
     if pre.get("window") is not None:
         center, width = pre["window"]
         load.append(Window(center, width))
+    if pre.get("lung_crop"):
+        load.append(LungCrop(spatial_dims=sd))
     load.append(Resize(pre.get("size", 224), keep_aspect=pre.get("resize", "pad") == "pad", spatial_dims=sd))
     if pre.get("clahe"):
         load.append(CLAHE(pre.get("clahe_clip", 4.0), pre.get("clahe_tiles", 4), spatial_dims=sd))
@@ -468,6 +536,11 @@ def build_pipeline(pre: dict, train: bool, aug: dict | None = None,
                                        spatial_dims=sd))
         if aug.get("hflip", 0.5):
             sample.append(RandomHorizontalFlip(aug.get("hflip", 0.5), spatial_dims=sd))
+        if aug.get("vflip"):  # the first spatial axis after the channels: up-down in 2D
+            sample.append(RandomFlip(axis=0, p=float(aug["vflip"]), spatial_dims=sd))
+        if aug.get("blur"):
+            sample.append(RandomGaussianBlur(aug.get("blur_kernel", 7), aug.get("blur_sigma", (0.05, 2.0)),
+                                             p=float(aug["blur"]), spatial_dims=sd))
         if aug.get("brightness_contrast"):
             sample.append(RandomBrightnessContrast(p=float(aug["brightness_contrast"])))
     if pre.get("zscore"):
@@ -501,6 +574,6 @@ def tta_views(x, hflip: bool = True, scales=(1.0,)) -> list:
     return views
 
 
-__all__ = ["CLAHE", "Compose", "NEAREST_KEYS", "Normalize", "RandomAffine", "RandomBrightnessContrast",
-           "RandomDownscale", "RandomFlip", "RandomHorizontalFlip", "RandomJPEG", "Resize", "SPATIAL_KEYS", "Window",
+__all__ = ["CLAHE", "Compose", "LungCrop", "NEAREST_KEYS", "Normalize", "RandomAffine", "RandomBrightnessContrast",
+           "RandomDownscale", "RandomFlip", "RandomGaussianBlur", "RandomHorizontalFlip", "RandomJPEG", "Resize", "SPATIAL_KEYS", "Window",
            "ZScore", "build_pipeline", "tta_views"]

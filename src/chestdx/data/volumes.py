@@ -49,12 +49,13 @@ class Volume:
 # ---------------------------------------------------------------- choosing a reader
 
 
-def read_volume(source, mask=None, size: tuple[int, int] | None = None) -> Volume:
+def read_volume(source, mask=None, size: tuple[int, int] | None = None, keep_aspect: bool = False) -> Volume:
     """Read a volume from a DICOM series folder, a .nii/.nii.gz file or a folder of slice images.
 
     The reader is chosen from what `source` is (a folder's files are recognised by their first
     bytes). `mask` is a NIfTI file (for NIfTI) or a folder of mask images (for slice folders);
-    `size` (H, W) resizes slice images that differ in size (see `read_slice_folder`).
+    `size` (H, W) resizes slice images that differ in size (see `read_slice_folder`), padded to keep
+    their aspect ratio when `keep_aspect`.
     """
     path = Path(source)
     if not path.exists():
@@ -73,7 +74,7 @@ def read_volume(source, mask=None, size: tuple[int, int] | None = None) -> Volum
                                    "not for DICOM series")
         return read_dicom_series(path)
     if kinds - {None}:
-        return read_slice_folder(path, mask_folder=mask, size=size)
+        return read_slice_folder(path, mask_folder=mask, size=size, keep_aspect=keep_aspect)
     niftis = [p.name for p in _files(path) if _is_nifti_name(p)]
     subfolders = [p for p in path.iterdir() if p.is_dir()]
     hint = f" (it holds NIfTI files: pass one of them, e.g. {niftis[0]})" if niftis else ""
@@ -116,7 +117,18 @@ def _existing_folder(folder) -> Path:
 
 
 def read_dicom_series(folder) -> Volume:
-    """Read one single-frame DICOM series from a folder, sorted along the slice normal, in HU."""
+    """Read one single-frame DICOM series from a folder, sorted along the slice normal, in HU.
+
+    pydicom's warnings about values that break their VR's rules (e.g. a UUID as a UID, as in
+    COVID-CT-MD) are not shown: the values are only compared, and a warning per file buries the output."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Invalid value for VR")
+        return _read_dicom_series(folder)
+
+
+def _read_dicom_series(folder) -> Volume:
     path = Path(folder)
     if path.is_file():
         _refuse_single_file(path)
@@ -388,14 +400,16 @@ def _nifti_mask(path: Path, shape: tuple, affine: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- folders of slice images
 
 
-def read_slice_folder(folder, mask_folder=None, size: tuple[int, int] | None = None) -> Volume:
+def read_slice_folder(folder, mask_folder=None, size: tuple[int, int] | None = None,
+                      keep_aspect: bool = False) -> Volume:
     """Read a folder of ordered slice images (PNG, JPEG, DICOM) as a volume of grey [0, 1].
 
     Slice order is the natural sort of the file names (slice_2 before slice_10); files that are
     not images are ignored. `mask_folder` holds one mask per slice with the same name stem (any
     image format, e.g. 000.jpg -> 000.png), binarised at 0.5. All slices must share one size,
     unless `size` (H, W) is given: then every slice (and mask) is resized to it, which
-    lung-cropped data such as Inf-Net's needs (its crop size changes from slice to slice).
+    lung-cropped data such as Inf-Net's needs (its crop size changes from slice to slice);
+    `keep_aspect` pads each slice with its border intensity instead of stretching it.
     """
     path = _existing_folder(folder)
     files = _slice_files(path)
@@ -408,8 +422,8 @@ def read_slice_folder(folder, mask_folder=None, size: tuple[int, int] | None = N
         _check_same_size(files, slices)
     else:
         size = (int(size[0]), int(size[1]))
-        slices = [_resize(s, size) for s in slices]
-        masks = None if masks is None else [_resize(m, size) for m in masks]
+        slices = [_resize(s, size, keep_aspect) for s in slices]
+        masks = None if masks is None else [_resize(m, size, keep_aspect, nearest=True) for m in masks]
     array = np.stack(slices).astype(np.float32)
     mask = None if masks is None else (np.stack(masks) >= 0.5).astype(np.uint8)
     meta = {"path": str(path), "format": "slice-folder", "units": "intensity",
@@ -471,9 +485,15 @@ def _check_same_size(files: list[Path], slices: list[np.ndarray]) -> None:
                                 "(or pass size=(H, W) to resize them)")
 
 
-def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def _resize(image: np.ndarray, size: tuple[int, int], keep_aspect: bool = False, nearest: bool = False) -> np.ndarray:
     import cv2
 
+    if keep_aspect:  # the training pipeline's letterbox (pad with the border median; masks with 0)
+        from chestdx.data.transforms import Resize
+
+        key = "mask" if nearest else "image"
+        out = Resize(size, keep_aspect=True, keys=(key,))({"image": image[None], key: image[None]})[key][0]
+        return np.clip(out.astype(np.float32), 0.0, 1.0)
     h, w = image.shape
     if (h, w) == size:
         return image

@@ -7,7 +7,7 @@ the threshold chosen on validation by Youden's J.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score, roc_curve
 
 
 def binary_metrics(y_true, prob, threshold: float = 0.5) -> dict:
@@ -27,6 +27,20 @@ def binary_metrics(y_true, prob, threshold: float = 0.5) -> dict:
         "f1": float(f1),
         "threshold": float(threshold),
     }
+
+
+def precision_recall_f1(y_true, pred, classes) -> dict:
+    """Per class precision, recall, F1 and support, with their support-weighted and unweighted means
+    (the ResNet50-ATT2 paper's Tables III-IV); an undefined precision (nothing predicted) counts 0."""
+    y, pred = np.asarray(y_true).astype(int), np.asarray(pred).astype(int)
+    labels = list(range(len(classes)))
+    p, r, f, n = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    out = {"per_class": {name: {"precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]),
+                                "support": int(n[k])} for k, name in enumerate(classes)}}
+    for average in ("weighted", "macro"):
+        pa, ra, fa, _ = precision_recall_fscore_support(y, pred, labels=labels, average=average, zero_division=0)
+        out[average] = {"precision": float(pa), "recall": float(ra), "f1": float(fa), "support": int(len(y))}
+    return out
 
 
 def multiclass_metrics(y_true, prob, classes) -> dict:
@@ -53,6 +67,7 @@ def multiclass_metrics(y_true, prob, classes) -> dict:
     for key in ("sensitivity", "specificity", "f1", "auc"):
         out[f"macro_{key}"] = float(np.nanmean([per_class[n][key] for n in classes]))
     out["per_class"] = per_class
+    out["precision_recall_f1"] = precision_recall_f1(y, pred, classes)
     out["confusion_matrix"] = cm.tolist()
     return out
 

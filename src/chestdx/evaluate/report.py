@@ -42,6 +42,9 @@ def report_markdown(metrics: dict, config: dict) -> str:
         les = metrics[key]
         lines += ["", f"Lesion head on the {les['lesion_n']} test images with known lesion labels: "
                       f"accuracy {100 * les['lesion_accuracy']:.1f}%, Hamming loss {les['hamming_loss']:.3f}."]
+    if "test_precision_recall_f1" in metrics:
+        lines += ["", f"## Per class, at the validation threshold {metrics['threshold_from_validation']:.3f}", "",
+                  *_prf_table(metrics["test_precision_recall_f1"])]
     if "shortcut_probe" in metrics:
         sp = metrics["shortcut_probe"]
         lines += ["", "## Shortcut check", "",
@@ -85,6 +88,8 @@ def report_multiclass_markdown(metrics: dict, config: dict) -> str:
         c = test["per_class"][name]
         lines.append(f"| {name} | {100 * c['sensitivity']:.1f} | {100 * c['specificity']:.1f} | "
                      f"{100 * c['f1']:.1f} | {100 * c['auc']:.1f} |")
+    if "precision_recall_f1" in test:
+        lines += ["", "## Precision, recall, F1 (arg max)", "", *_prf_table(test["precision_recall_f1"])]
     if "test_by_source" in metrics:
         lines += ["", "## Per source", "",
                   "Label and source are confounded in this dataset (every COVID image comes from publications or "
@@ -140,6 +145,16 @@ def report_multilabel_markdown(metrics: dict, config: dict) -> str:
               "Per-image predictions: `predictions_test.csv`; all numbers: `metrics.json`.", "",
               "Research use only; not for diagnosis."]
     return "\n".join(lines) + "\n"
+
+
+def _prf_table(prf: dict) -> list[str]:
+    """Per class precision / recall / F1 / support, then the support-weighted and the unweighted means."""
+    rows = ["| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |"]
+    named = [*prf["per_class"].items(), ("weighted average", prf["weighted"]), ("macro average", prf["macro"])]
+    for name, c in named:
+        rows.append(f"| {name} | {100 * c['precision']:.1f} | {100 * c['recall']:.1f} | {100 * c['f1']:.1f} | "
+                    f"{c['support']} |")
+    return rows
 
 
 def _averaged(metrics: dict, test: dict) -> str:

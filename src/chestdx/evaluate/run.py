@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from chestdx.data.dataset import ManifestDataset
+from chestdx.data.dataset import ManifestDataset, reader_for
 from chestdx.data.datasets import get_dataset
 from chestdx.data.transforms import Compose, build_pipeline
 from chestdx.evaluate.metrics import (evaluate_binary, evaluate_multiclass, evaluate_multilabel, lesion_metrics,
-                                     multiclass_metrics)
+                                     multiclass_metrics, precision_recall_f1)
 from chestdx.evaluate.plots import plot_confusion, plot_pr, plot_roc
 from chestdx.evaluate.report import write_report
 from chestdx.inference import Predictor
@@ -24,7 +24,8 @@ def predict_split(predictor: Predictor, manifest, extra_load_steps=(), batch_siz
     """Each head's probabilities and targets on one split (probabilities under `probs[head]`)."""
     load, sample = build_pipeline(predictor.bundle["preprocess"], train=False, spatial_dims=predictor.spatial_dims)
     load = Compose([*extra_load_steps, *load.steps])
-    data = ManifestDataset(manifest, predictor.heads, load, sample)
+    data = ManifestDataset(manifest, predictor.heads, load, sample,
+                           read=reader_for(predictor.sample, predictor.bundle["preprocess"]))
     chunks = {h.name: [] for h in predictor.heads}
     for start in range(0, len(data), batch_size):
         x = torch.stack([data[i]["image"] for i in range(start, min(len(data), start + batch_size))])
@@ -86,6 +87,7 @@ def evaluate_bundle(bundle_path, out_dir, dataset: str | None = None, n_boot: in
         "threshold_from_validation": threshold,
         "validation": evaluate_binary(val["y"], val["prob"], val["patients"], threshold, n_boot=200)["at_0.5"],
         "test": evaluate_binary(test["y"], test["prob"], test["patients"], threshold, n_boot=n_boot),
+        "test_precision_recall_f1": precision_recall_f1(test["y"], test["prob"] >= threshold, bundle["classes"]),
     }
     for head in predictor.heads:  # auxiliary multi-label heads (LA-DNN's lesions)
         if head.name != predictor.primary.name and head.task == "multilabel":

@@ -37,11 +37,19 @@ def prepare(predictor: Predictor, path, image=None) -> tuple[np.ndarray, torch.T
     return predictor.prepare(image.to_gray())
 
 
+def _refuse_sequences(predictor: Predictor) -> None:
+    if predictor.sample == "sequence":
+        raise ChestDxError(f"{predictor.path}: a sequence model explains a whole series: use "
+                           "`chestdx predict SERIES --checkpoint ... --montage DIR` (slice maps weighted by the "
+                           "sequence attention)")
+
+
 def explain_files(checkpoint, files, out_dir, method: str = "gradcam++", targets=("predicted",),
                   threshold: float | str = "otsu", on_error=None, batch_size: int = 8) -> list[dict]:
     """Overlay PNG, raw .npy, mask PNG and box JSON per image and target, plus gallery.html."""
     method = method_name(method)
     predictor = Predictor(checkpoint)
+    _refuse_sequences(predictor)
     bundle = predictor.bundle
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,6 +122,7 @@ def evaluate_localization(checkpoint, manifest_csv, out_dir, method: str = "grad
     classical CT lung mask, for the share of energy inside the lungs.
     """
     predictor = Predictor(checkpoint)
+    _refuse_sequences(predictor)
     bundle = predictor.bundle
     manifest_csv = Path(manifest_csv)
     root = manifest_csv.parent

@@ -35,7 +35,9 @@ def make_bundle(model: torch.nn.Module, config: dict, **metadata) -> dict:
     return {
         "format": FORMAT,
         "registry_name": m["name"],
-        "model_kwargs": model_kwargs(m),
+        # A model may add constructor arguments it resolved when built (the sequence model: its
+        # extractor's architecture, read from the stage-1 bundle), so the bundle rebuilds it alone.
+        "model_kwargs": {**model_kwargs(m), **getattr(model, "bundle_kwargs", {})},
         "heads": [h.to_dict() for h in entry.heads],
         "primary": entry.primary,
         "classes": list(entry.classes),

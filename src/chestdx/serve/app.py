@@ -29,6 +29,7 @@ from chestdx.explain.render import draw_box, overlay_rgb
 from chestdx.serve.db import Database
 from chestdx.serve.deid import deidentify_dicom
 from chestdx.serve.registry import ServedModel, load_models
+from chestdx.serve.series import is_series_upload, unpacked_series
 
 log = logging.getLogger("chestdx.serve")
 API = "/api/v1"
@@ -97,6 +98,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         name = upload.filename or "upload"
         started = time.perf_counter()
         data = read_upload(upload)
+        if served.predictor.sample == "sequence":
+            return run_series(served, data, name, heatmap, started)
         try:
             image = decode_image(data, name, max_pixels=settings.max_pixels)
         except InputError as err:
@@ -138,6 +141,38 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         log.info("study %s: model %s, %s", study.id, served.name, verdict["prediction"])
         return {"study_id": study.id, "study_url": f"{API}/studies/{study.id}", **result}
 
+    def run_series(served: ServedModel, data: bytes, name: str, heatmap: bool, started: float) -> dict:
+        """A sequence model's upload: a zip of one series (or a NIfTI file), one result per series with the
+        sequence attention per drawn slice and, with `heatmap`, the weighted attention montage."""
+        if not is_series_upload(name, data):
+            raise ServiceError(415, "a sequence model takes one series: a zip of its DICOM (or slice image) "
+                                    "files, or a .nii/.nii.gz file", name)
+        predictor = served.predictor
+        try:
+            with unpacked_series(data, name, max_bytes=settings.max_bytes * 20) as path:
+                verdict, shown, x = predictor.predict_series(path)
+        except InputError as err:
+            raise ServiceError(_input_status(err), err.reason, name) from None
+        for s in verdict["slices"]:  # names inside the upload's temporary folder mean nothing to the client
+            s.pop("file", None)
+        t_inf = time.perf_counter()
+        result = {"model": served.name, **verdict}
+        if heatmap and served.explainer is not None:
+            with served.lock:
+                result["montage_png"] = _montage_png(served.explainer, verdict, shown, x)
+        t_heat = time.perf_counter()
+        result["timings_ms"] = {"inference": round((t_inf - started) * 1000, 2),
+                                "heatmap": round((t_heat - t_inf) * 1000, 2),
+                                "total": round((t_heat - started) * 1000, 2)}
+        result["backend"] = predictor.backend
+        study = db.add(model=served.name, sha256=hashlib.sha256(data).hexdigest(), input_format="series",
+                       prediction=_as_text(verdict["prediction"]),
+                       threshold=verdict["threshold"] if not isinstance(verdict["threshold"], dict) else None,
+                       result={**{k: v for k, v in verdict.items() if k not in ("prediction", "threshold")},
+                               "timings_ms": result["timings_ms"], "backend": predictor.backend})
+        log.info("study %s: model %s, series, %s", study.id, served.name, verdict["prediction"])
+        return {"study_id": study.id, "study_url": f"{API}/studies/{study.id}", **result}
+
     def _as_text(prediction) -> str:
         """A multi-label verdict (the labels above their thresholds) as one database cell."""
         return "|".join(prediction) if isinstance(prediction, list) else prediction
@@ -154,7 +189,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         return {"models": [models[name].card() for name in sorted(models)], "default": default_model}
 
     @app.post(f"{API}/predict", tags=["predict"])
-    def predict(file: UploadFile = File(..., description="PNG, JPEG or DICOM image"),
+    def predict(file: UploadFile = File(..., description="PNG, JPEG or DICOM image; for a sequence model a zip "
+                                                          "of one series or a NIfTI file"),
                 model: Optional[str] = Form(None, description="model name (default: the first)"),
                 heatmap: bool = Form(True, description="also return a Grad-CAM++ overlay")):
         """Class probabilities, the label at the model's operating threshold, lesions, heat map, timings."""
@@ -203,6 +239,17 @@ def _heatmap_pngs(shown: np.ndarray, heat: np.ndarray, crop=None) -> dict:
         draw_box(image, crop)
     return {"image_png": _png_b64(image), "heatmap_png": _png_b64(colour),
             "overlay_png": _png_b64(overlay_rgb(shown, heat, crop=crop))}
+
+
+def _montage_png(explainer, verdict: dict, shown: np.ndarray, x) -> str:
+    """Fig. 6 montage of a series (PyTorch model), as a data URL."""
+    import tempfile
+
+    from chestdx.explain.sequence import write_series_montage
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_series_montage(explainer, verdict, shown, x, Path(tmp) / "montage.png")
+        return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def _stored_image(data: bytes, fmt: str) -> tuple[bytes, str]:

@@ -20,7 +20,7 @@ from chestdx.inference import Predictor
 log = logging.getLogger("chestdx.serve")
 
 INTENDED_USE = ("Research use only, not for diagnosis. Estimates the probabilities of {classes} (and, "
-                "where the model has a lesion head, of five CT lesion types) from one {modality} image of an adult "
+                "where the model has a lesion head, of five CT lesion types) from one {what} of an adult "
                 "chest; trained on public data whose sources are confounded with the label.")
 
 
@@ -47,10 +47,19 @@ class ServedModel:
             "threshold": self.predictor.threshold,
             "input_size": b.get("preprocess", {}).get("size"),
             "metrics": {"validation": {k: v for k, v in b.get("validation", {}).items() if k != "thresholds"}},
-            "intended_use": INTENDED_USE.format(modality=b.get("modality", "chest"), classes=" / ".join(b.get("classes") or [])),
+            "intended_use": INTENDED_USE.format(what=self._input_kind(), classes=" / ".join(b.get("classes") or [])),
+            "input": "series" if self.predictor.sample == "sequence" else "image",
             "backend": self.predictor.backend,
             "heatmaps": self.explainer is not None,
         }
+
+
+    def _input_kind(self) -> str:
+        modality = self.predictor.bundle.get("modality", "chest")
+        if self.predictor.sample == "sequence":
+            n = self.predictor.bundle.get("preprocess", {}).get("sequence_length", 16)
+            return f"{modality} series ({n} evenly spaced slices; a zip of its files or a NIfTI file)"
+        return f"{modality} image"
 
 
 def load_models(folder, cache_dir) -> dict[str, ServedModel]:

@@ -260,6 +260,10 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "std": Key(type=Number(above=0), doc="input std (default: the backbone's)"),
         "window": Key(None, Nullable(ListOf(NUMBER, 2, what="a [center, width] pair of numbers")),
                       doc="CT intensity window applied first"),
+        "lung_crop": Key(False, BOOL, doc="crop each slice to its lung box (classical lung mask), as ResNet50-ATT2"),
+        "hu_window": Key(None, Nullable(ListOf(NUMBER, 2, what="a [center, width] pair of numbers")),
+                         doc="CT window [center, width] for HU volumes (DICOM CT series) read as sequences; "
+                             "slice images, already in [0, 1], pass unchanged"),
     },
     "augment": {
         "affine": Key(True, AnyOf(BOOL, PROBABILITY, what="true, false or a probability between 0 and 1"),
@@ -269,6 +273,10 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "translate": Key(0.0, Number(min=0), doc="affine shift, fraction of the side"),
         "rotate": Key(0.0, Number(min=0), doc="affine rotation, degrees either way"),
         "hflip": Key(0.5, PROBABILITY, doc="horizontal flip probability"),
+        "vflip": Key(0.0, PROBABILITY, doc="vertical (up-down) flip probability"),
+        "blur": Key(0.0, PROBABILITY, doc="random Gaussian blur probability"),
+        "blur_kernel": Key(7, Int(min=1), doc="Gaussian blur kernel size (odd)"),
+        "blur_sigma": Key([0.05, 2.0], PAIR, doc="Gaussian blur sigma range"),
         "jpeg": Key(0.0, PROBABILITY, doc="random JPEG re-compression probability"),
         "brightness_contrast": Key(0.0, PROBABILITY, doc="random brightness/contrast probability"),
         "downscale": Key(0.0, PROBABILITY, doc="random down- and up-scaling probability"),
@@ -293,6 +301,8 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "optimizer": Key("adamw", STR, choices=("adamw", "sgd")),
         "head_lr_factor": Key(10, Number(above=0), doc="heads learn at lr * this"),
         "monitor": Key("", STR, doc="the head whose validation score picks the best epoch (empty: the primary)"),
+        "class_weights": Key("none", STR, choices=("none", "balanced"),
+                             doc="balanced: loss weights inversely proportional to the training class frequencies"),
     },
     "data": {
         "cache": Key("memory", STR, choices=("memory", "disk", "none"), doc="where preprocessed images are kept"),

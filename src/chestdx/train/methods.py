@@ -4,7 +4,9 @@ and its sampler, so the Lightning module never asks which model it trains.
 A method is a class with `options` (its config section `method:`, with defaults) and
 - `losses(model, batch, rng) -> dict` with at least `loss` (the other entries are logged);
 - `parameter_groups(model, train_cfg) -> list[dict]` for the optimiser;
-- `sampler(dataset, train_cfg, generator) -> Sampler | None` (None: shuffle uniformly).
+- `sampler(dataset, train_cfg, generator) -> Sampler | None` (None: shuffle uniformly);
+- `fit_to(dataset)`: called once with the training set before training (the class weights of
+  `train.class_weights: balanced` are counted there).
 
 `SupervisedMethod` is the default: the weighted sum over the model's heads of each head's task
 loss (`chestdx.tasks`), weights from `train.head_weights` (1 for a head not named there). The
@@ -15,7 +17,7 @@ papers' own steps subclass it beside their models (`LADNNMethod` in models/ladnn
 from __future__ import annotations
 
 from chestdx.errors import ChestDxError
-from chestdx.tasks import Head
+from chestdx.tasks import Head, balanced_class_weights
 
 _METHODS: dict[str, type] = {}
 
@@ -53,6 +55,17 @@ class SupervisedMethod:
             raise ChestDxError(f"train.head_weights names {unknown}, which the model does not have; "
                                f"its heads: {', '.join(h.name for h in self.heads)}")
         self.weights = {h.name: float((train_cfg.get("head_weights") or {}).get(h.name, 1.0)) for h in self.heads}
+        self.class_weights: dict = {}  # head -> per-class loss weights (train.class_weights)
+
+    def fit_to(self, dataset) -> None:
+        if self.train_cfg.get("class_weights", "none") != "balanced":
+            return
+        for head in self.heads:
+            if head.task == "multilabel":
+                raise ChestDxError(f"train.class_weights: balanced is for binary and multi-class heads; "
+                                   f"head {head.name!r} is multi-label")
+            values, known = dataset.head_arrays(head.name)
+            self.class_weights[head.name] = balanced_class_weights(values, known, len(head.labels))
 
     def head_losses(self, out: dict, batch: dict) -> dict:
         smoothing = float(self.train_cfg.get("label_smoothing", 0.0))
@@ -63,7 +76,8 @@ class SupervisedMethod:
             # Smoothing is for the diagnosis; auxiliary multi-label heads learn hard labels (LA-DNN L_A).
             ls = smoothing if head.task != "multilabel" else 0.0
             losses[head.name] = head.kind.loss(out[head.output], batch["targets"][head.name],
-                                               batch["known"][head.name], label_smoothing=ls)
+                                               batch["known"][head.name], label_smoothing=ls,
+                                               class_weights=self.class_weights.get(head.name))
         return losses
 
     def total(self, losses: dict) -> dict:

@@ -33,6 +33,8 @@ class ChestDxModule(L.LightningModule):
         # The head whose validation score picks the best epoch (a stage of AG-CNN: its branch).
         self.monitor = head_by_name(self.heads, config["train"].get("monitor") or self.primary.name)
         self.model = self.entry.build(pretrained=m.get("pretrained"), **model_kwargs(m))
+        if hasattr(self.model, "check_preprocess"):  # a model built on another's features (a stage-1 bundle)
+            self.model.check_preprocess(config["preprocess"])
         stages = int(config["train"].get("freeze_stages") or 0)
         if stages:
             backbone = getattr(self.model, "backbone", None)

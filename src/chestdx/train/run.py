@@ -76,6 +76,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # A run folder is resumed on purpose (chestdx.train.runfolder checked its settings).
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # Frozen modules (a stage's `freeze:`, the sequence model's extractor) are in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def split_manifests(cfg: dict, manifest=None) -> tuple[dict, str]:
@@ -105,7 +107,7 @@ def make_dataset(cfg: dict, manifest, train: bool, progress: bool = False, seed:
     data = cfg.get("data") or {}
     return ManifestDataset(manifest, entry.heads, load, sample, seed=cfg["train"]["seed"] if seed is None else seed,
                            progress=progress, cache=data.get("cache", "memory"), cache_dir=data.get("cache_dir"),
-                           settings={"preprocess": pre, "sample": entry.sample}, read=reader_for(entry.sample))
+                           settings={"preprocess": pre, "sample": entry.sample}, read=reader_for(entry.sample, pre))
 
 
 def build_datasets(cfg: dict, progress: bool = True, manifest=None) -> dict:
@@ -145,6 +147,7 @@ def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None,
     L.seed_everything(t["seed"], workers=True, verbose=False)
     data = datasets or build_datasets(cfg, progress, manifest=manifest)
     module = ChestDxModule(cfg)
+    module.method.fit_to(data["train"])
     if init_from is not None:
         _, previous = load_bundle(init_from)
         module.model.load_state_dict(previous["state_dict"])
