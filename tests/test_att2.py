@@ -79,6 +79,8 @@ def test_att2_taps_maps_and_embedding_widths():
     assert paper.embedding_dim == 3072 and len(paper.tail) == 3  # 1024 + 2048, three more bottlenecks
     with pytest.raises(ChestDxError, match="taps"):
         create_model("att2", taps=[-1, 4], pretrained=None)  # the same stage twice
+    final_only = create_model("att2", taps=["final"], pretrained=None).eval()
+    assert final_only.embedding_dim == 1280 and [tuple(m.shape[1:]) for m in final_only.attention_maps(x)] == [(7, 7)]
 
 
 def test_class_weights_inversely_proportional_to_frequency():
@@ -103,7 +105,9 @@ def test_sequence_attention_matches_equations_1_to_4():
     with torch.no_grad():
         context, attention = model.attend(e)
         h, _ = model.lstm(e)
-        g = torch.tanh(model.global_proj(h[:, -1]))  # Eq. 1
+        # h_n: the forward state after the last slice and the backward state after the first
+        h_n = torch.cat([h[:, -1, :4], h[:, 0, 4:]], dim=1)
+        g = torch.tanh(model.global_proj(h_n))  # Eq. 1
         s = torch.stack([g[0] @ model.score.weight @ h[0, i] for i in range(6)])  # Eq. 2
         a = torch.softmax(s, 0)  # Eq. 3
     torch.testing.assert_close(attention[0], a)
@@ -144,6 +148,21 @@ def test_sequence_reader_lung_window_on_a_mediastinal_dicom(tmp_path):
     np.testing.assert_allclose(seq, 550 / 1500, atol=1e-6)
     with pytest.raises(InputError, match="hu_window"):
         SequenceReader(length=4)(tmp_path / "s")
+    # A CT NIfTI stores HU: windowed too; one already in [0, 1] passes unchanged; other modalities are refused.
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.full((24, 32, 8), -800.0, np.float32), np.eye(4)), tmp_path / "hu.nii.gz")
+    np.testing.assert_allclose(SequenceReader(length=4, hu_window=(-600, 1500))(tmp_path / "hu.nii.gz"), 550 / 1500,
+                               atol=1e-6)
+    nib.save(nib.Nifti1Image(np.full((24, 32, 8), 0.25, np.float32), np.eye(4)), tmp_path / "unit.nii.gz")
+    np.testing.assert_allclose(SequenceReader(length=4, hu_window=(-600, 1500))(tmp_path / "unit.nii.gz"), 0.25)
+
+    def mr(k, ds):
+        ds.Modality = "MR"
+
+    write_series(tmp_path / "mr", n=8, edit=mr)
+    with pytest.raises(InputError, match="modality MR is not CT"):
+        SequenceReader(length=4, hu_window=(-600, 1500))(tmp_path / "mr")
 
 
 def test_sequence_reader_draws_16_and_refuses_13(tmp_path):

@@ -69,7 +69,8 @@ def test_predict_dicom_and_16bit_png_to_csv(trained, covid_ct_dir, tmp_path):
     grey = cv2.imread(str(src), cv2.IMREAD_GRAYSCALE)
     png16 = tmp_path / "slice16.png"
     cv2.imwrite(str(png16), grey.astype(np.uint16) * 257)
-    dcm = make_dicom(tmp_path / "slice.dcm", grey.astype(np.uint16) * 16)
+    # A figure saved as DICOM (modality OT): no Hounsfield units, so no CT window applies.
+    dcm = make_dicom(tmp_path / "slice.dcm", grey.astype(np.uint16) * 16, modality="OT")
     out = tmp_path / "pred.csv"
     run(["predict", str(png16), str(dcm), "--out", str(out)], trained["home"])
     frame = pd.read_csv(out)

@@ -11,14 +11,15 @@ from chestdx.data.io import read_image, sniff_format
 from chestdx.errors import InputError
 
 
-def make_dicom(path, pixels: np.ndarray, photometric="MONOCHROME2", slope=1.0, intercept=0.0, window=None):
+def make_dicom(path, pixels: np.ndarray, photometric="MONOCHROME2", slope=1.0, intercept=0.0, window=None,
+               modality="CT"):
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientName, ds.PatientID = "CT", "Test^Patient", "P001"
+    ds.Modality, ds.PatientName, ds.PatientID = modality, "Test^Patient", "P001"
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
@@ -157,3 +158,56 @@ def test_lossless_ct_matches_uncompressed(pydicom_data_dir):
     a = read_image(pydicom_data_dir / "693_UNCR.dcm").pixels
     b = read_image(pydicom_data_dir / "693_J2KR.dcm").pixels
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_ct_dicom_takes_the_models_hu_window_not_the_files_voi(tmp_path, tiny_models_dir):
+    # Lung tissue (-800 HU) with the file's mediastinal VOI (50 / 350) is black; the model's lung
+    # window (-600 / 1500) puts it at (-800 + 1350) / 1500, whatever the file says.
+    hu = np.full((32, 40), -800.0)
+    hu[:, 20:] = 40.0  # soft tissue
+    path = make_dicom(tmp_path / "m.dcm", (hu + 1024).astype(np.uint16), intercept=-1024, window=(50, 350))
+    voi = read_image(path)
+    assert voi.meta["window"] == "file VOI" and float(voi.pixels[:, :20].max()) == pytest.approx(0, abs=1e-6)
+    lung = read_image(path, hu_window=(-600, 1500))
+    assert lung.meta["window"] == "model HU window -600/1500"
+    np.testing.assert_allclose(lung.pixels[:, :20], 550 / 1500, atol=1e-6)
+    np.testing.assert_allclose(lung.pixels[:, 20:], 1390 / 1500, atol=1e-6)
+    cr = tmp_path / "cr.dcm"  # not CT: no Hounsfield units, so the file's own window stays
+    make_dicom(cr, (hu + 1024).astype(np.uint16), intercept=-1024, window=(50, 350))
+    import pydicom
+
+    ds = pydicom.dcmread(cr)
+    ds.Modality = "CR"
+    ds.save_as(cr)
+    assert read_image(cr, hu_window=(-600, 1500)).meta["window"] == "file VOI"
+    # The model's bundle carries the window: prediction from the DICOM = prediction from its lung-windowed pixels.
+    from chestdx.inference import Predictor
+
+    predictor = Predictor(tiny_models_dir / "ladnn-tiny.pt")
+    assert predictor.hu_window == [-600, 1500]
+    from_file = predictor.predict_source(path)["probabilities"]["covid"]
+    direct = predictor.predict_tensor(predictor.preprocess(lung.pixels))["diagnosis"][0]
+    assert from_file == pytest.approx(float(direct), abs=1e-6)
+    assert from_file != pytest.approx(float(predictor.predict_tensor(predictor.preprocess(voi.pixels))["diagnosis"][0]),
+                                      abs=1e-6)
+
+
+def test_covid_ct_md_lung_parenchyma_is_mid_range_in_the_lung_window():
+    import pandas as pd
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    from tests.conftest import _real_dataset
+
+    folder = _real_dataset("covid-ct-md")
+    slices = pd.read_csv(folder / "slices.csv")
+    row = slices[(slices["series"] == "images/covid/P001") & (slices["slice_index"] == 74)].iloc[0]
+    path = folder / row["series"] / row["file"]
+    ds = pydicom.dcmread(path)
+    hu = apply_modality_lut(ds.pixel_array, ds)
+    lung = (hu > -950) & (hu < -700)  # aerated parenchyma
+    assert lung.mean() > 0.1
+    voi = read_image(path).pixels  # the file's mediastinal window: the lungs are black
+    assert float(np.median(voi[lung])) < 0.01
+    windowed = read_image(path, hu_window=(-600, 1500)).pixels
+    assert 0.25 < float(np.median(windowed[lung])) < 0.45  # (-850 + 1350) / 1500 = 0.33

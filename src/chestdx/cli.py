@@ -129,15 +129,17 @@ def predict(
     files = expand_inputs(inputs, series=series)
     if not files:
         raise ChestDxError("no image files found in the given inputs")
-    rows, failed = [], 0
+    rows, failed, names = [], 0, set()
     for path in files:
         try:
             if montage:
                 from chestdx.explain.sequence import write_series_montage
 
                 result, shown, x = predictor.predict_series(path)
-                result["montage"] = str(write_series_montage(predictor, result, shown, x,
-                                                             montage / f"{_safe_stem(path)}.png"))
+                name = _safe_stem(path)
+                name = name if name not in names else f"{name}-{len(names)}"  # two series folders of one name
+                names.add(name)
+                result["montage"] = str(write_series_montage(predictor, result, shown, x, montage / f"{name}.png"))
                 rows.append({"path": str(path), **result})
                 continue
             rows.append({"path": str(path), **predictor.predict_source(path)})
@@ -288,7 +290,7 @@ def export(
         torch_p, onnx_p = Predictor(checkpoint), Predictor(path)
         worst = 0.0
         for image in expand_inputs(verify):
-            x = torch_p.preprocess(read_image(image).to_gray())
+            x = torch_p.preprocess(read_image(image, hu_window=torch_p.hu_window).to_gray())
             with torch.no_grad():
                 a, b = torch_p.model(x), onnx_p.model(x)
             worst = max(worst, *(float((a[k] - b[k]).abs().max()) for k in b))

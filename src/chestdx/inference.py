@@ -34,6 +34,8 @@ class Predictor:
         self.primary = primary_head(self.bundle)
         self.spatial_dims = int(self.bundle.get("spatial_dims", 2))
         self.sample = self.bundle.get("sample", "image")
+        # The CT window the model was trained with, for DICOM CT input in HU (None: the file's VOI).
+        self.hu_window = self.bundle["preprocess"].get("hu_window")
         self.load_steps, self.sample_steps = build_pipeline(self.bundle["preprocess"], train=False,
                                                             spatial_dims=self.spatial_dims)
         self.thresholds = {h.name: thresholds(self.bundle, h) for h in self.heads}
@@ -79,7 +81,7 @@ class Predictor:
     def predict_source(self, source, name: str | None = None) -> dict:
         if self.sample == "sequence":
             return self.predict_series(source)[0]
-        image = read_image(source, name=name)
+        image = read_image(source, name=name, hu_window=self.hu_window)
         if image.meta.get("frames", 1) > 1:
             raise InputError(name or source, f"{image.meta['frames']}-frame DICOM given to a 2D model; send one slice")
         out = self.predict_tensor(self.preprocess(image.to_gray()))

@@ -30,6 +30,16 @@ def read_image_channels(path) -> np.ndarray:
     return read_image(path).to_gray()[None]
 
 
+class ImageReader:
+    """A 2D image file as (1, H, W) grey pixels in [0, 1], CT DICOM through `hu_window` (picklable)."""
+
+    def __init__(self, hu_window=None):
+        self.hu_window = None if hu_window is None else (float(hu_window[0]), float(hu_window[1]))
+
+    def __call__(self, path) -> np.ndarray:
+        return read_image(path, hu_window=self.hu_window).to_gray()[None]
+
+
 def read_volume_channels(path) -> np.ndarray:
     """A volume (DICOM series folder, NIfTI, slice folder) as (1, D, H, W)."""
     from chestdx.data.volumes import read_volume
@@ -41,8 +51,9 @@ class SequenceReader:
     """`length` evenly spaced slices of a volume as channels (S, H, W) in [0, 1] (ResNet50-ATT2 draws 16).
 
     A DICOM CT series arrives in HU and is put through `hu_window` [center, width] (the lung window
-    -600 / 1500 by default for the sequence models); slice-image folders are already in [0, 1] and pass
-    unchanged. `size` (H, W) resizes slice folders whose slices differ in size (letterboxed when
+    -600 / 1500 by default for the sequence models), as is a NIfTI file whose values leave [0, 1] (CT
+    NIfTI stores HU by convention); slice-image folders are already in [0, 1] and pass unchanged; a
+    DICOM series of another modality is refused. `size` (H, W) resizes slice folders whose slices differ in size (letterboxed when
     `keep_aspect`, as the training pipeline resizes)."""
 
     def __init__(self, length: int = 16, size=None, keep_aspect: bool = True, hu_window=None):
@@ -60,7 +71,13 @@ class SequenceReader:
         from chestdx.errors import InputError
 
         seq = draw_sequence(read_volume(path, size=self.size, keep_aspect=self.keep_aspect), self.length)
-        if seq.meta.get("units") == "HU":
+        units = seq.meta.get("units")
+        if units == "modality":  # DICOM that is not CT
+            raise InputError(path, f"series modality {seq.meta.get('modality') or '?'} is not CT; "
+                                   "the sequence models read CT")
+        in_unit_range = float(seq.array.min()) >= 0.0 and float(seq.array.max()) <= 1.0
+        # CT NIfTI stores Hounsfield units by convention; a NIfTI already in [0, 1] passes unchanged.
+        if units == "HU" or (units == "as-stored" and not in_unit_range):
             if self.hu_window is None:
                 raise InputError(path, "a CT series in Hounsfield units needs the model's preprocess.hu_window "
                                        "[center, width] (e.g. the lung window [-600, 1500])")
@@ -74,15 +91,17 @@ class SequenceReader:
 
 
 def reader_for(sample_kind: str, preprocess: dict | None = None):
-    """The file reader of a sample kind; a sequence reader takes its length, size and HU window from
-    `preprocess`."""
+    """The file reader of a sample kind: a sequence reader takes its length, size and HU window from
+    `preprocess`, an image reader its HU window (for CT DICOM)."""
     pre = preprocess or {}
     if sample_kind == "sequence":
         size = pre.get("size", 224)
         size = (int(size), int(size)) if np.isscalar(size) else tuple(size)
         return SequenceReader(pre.get("sequence_length", 16), size, pre.get("resize", "pad") == "pad",
                               pre.get("hu_window"))
-    return {"image": read_image_channels, "volume": read_volume_channels}[sample_kind]
+    if sample_kind == "image":
+        return ImageReader(pre.get("hu_window"))
+    return {"volume": read_volume_channels}[sample_kind]
 
 
 class _Loaded:

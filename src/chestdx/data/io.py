@@ -50,8 +50,12 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def read_image(source, name: str | None = None) -> LoadedImage:
-    """Read an image from a path or from bytes (`name` labels bytes in error messages)."""
+def read_image(source, name: str | None = None, hu_window=None) -> LoadedImage:
+    """Read an image from a path or from bytes (`name` labels bytes in error messages).
+
+    `hu_window` [center, width]: a CT DICOM image is windowed by it from Hounsfield units, not by
+    the file's own VOI window (a model carries the window it was trained with); other images and
+    DICOM without HU are read as before."""
     if isinstance(source, (bytes, bytearray)):
         data = bytes(source)
         label = name or "<upload>"
@@ -66,18 +70,19 @@ def read_image(source, name: str | None = None) -> LoadedImage:
             data = path.read_bytes()
         except OSError as err:
             raise InputError(label, f"cannot be read ({err.strerror or err})") from None
-    return decode_image(data, label)
+    return decode_image(data, label, hu_window=hu_window)
 
 
-def decode_image(data: bytes, label: str, max_pixels: int = MAX_PIXELS) -> LoadedImage:
-    """Decode bytes; images over `max_pixels` are refused from their header, before decoding."""
+def decode_image(data: bytes, label: str, max_pixels: int = MAX_PIXELS, hu_window=None) -> LoadedImage:
+    """Decode bytes; images over `max_pixels` are refused from their header, before decoding.
+    `hu_window`: see `read_image`."""
     if len(data) == 0:
         raise InputError(label, "empty file (0 bytes)")
     kind = sniff_format(data[:132])
     if kind is None:
         raise InputError(label, "not a supported image: expected PNG, JPEG or DICOM content")
     if kind == "dicom":
-        image = _decode_dicom(data, label, max_pixels)
+        image = _decode_dicom(data, label, max_pixels, hu_window)
     else:
         image = _decode_raster(data, label, kind, max_pixels)
     image.meta.setdefault("path", label)
@@ -147,7 +152,7 @@ def _stretch(arr: np.ndarray) -> np.ndarray:
     return (arr - lo) / (hi - lo)
 
 
-def _decode_dicom(data: bytes, label: str, max_pixels: int) -> LoadedImage:
+def _decode_dicom(data: bytes, label: str, max_pixels: int, hu_window=None) -> LoadedImage:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -182,7 +187,7 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> LoadedImage:
         "original_size": (cols, rows),
     }
     if photometric.startswith("MONOCHROME"):
-        pixels = _dicom_grey(ds, arr, photometric)
+        pixels, meta["window"] = _dicom_grey(ds, arr, photometric, hu_window)
     elif photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "PALETTE COLOR"):
         from pydicom.pixels import apply_color_lut, convert_color_space
 
@@ -198,17 +203,30 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> LoadedImage:
     return LoadedImage(np.ascontiguousarray(pixels, dtype=np.float32), meta)
 
 
-def _dicom_grey(ds, arr: np.ndarray, photometric: str) -> np.ndarray:
-    """Rescale slope/intercept, then the VOI LUT or window, then invert MONOCHROME1."""
+def is_hu(ds) -> bool:
+    """CT pixel data rescaled to Hounsfield units (RescaleType, where present, says HU)."""
+    kind = str(ds.get("RescaleType", "HU") or "HU").strip().upper()
+    return str(ds.get("Modality", "")).strip().upper() == "CT" and kind in ("HU", "")
+
+
+def _dicom_grey(ds, arr: np.ndarray, photometric: str, hu_window=None) -> tuple[np.ndarray, str]:
+    """Rescale slope/intercept, then the model's HU window (CT), or the file's VOI LUT or window, or the
+    value range; MONOCHROME1 inverted. Returns the pixels and which window was used."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     values = apply_modality_lut(arr, ds).astype(np.float32)
     if not np.isfinite(values).all():
-        return values  # the caller's NaN check names the file
+        return values, "none"  # the caller's NaN check names the file
+    if hu_window is not None and is_hu(ds):
+        center, width = float(hu_window[0]), float(hu_window[1])
+        lo = center - width / 2
+        return np.clip((values - lo) / width, 0.0, 1.0).astype(np.float32), f"model HU window {center:g}/{width:g}"
     has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
+    used = "value range"
     if has_voi:
         values = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float32)
+        used = "file VOI"
     pixels = _stretch(values)
     if photometric == "MONOCHROME1":
         pixels = 1.0 - pixels  # MONOCHROME1 stores bright air as low values
-    return pixels
+    return pixels, used

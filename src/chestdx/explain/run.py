@@ -31,7 +31,7 @@ def _safe(name: str) -> str:
 
 def prepare(predictor: Predictor, path, image=None) -> tuple[np.ndarray, torch.Tensor]:
     """(grey image on the model's grid in [0, 1], model input tensor (1, 1, H, W))."""
-    image = image if image is not None else read_image(path)
+    image = image if image is not None else read_image(path, hu_window=predictor.hu_window)
     if image.meta.get("frames", 1) > 1:
         raise ChestDxError(f"{path}: {image.meta['frames']}-frame DICOM given to a 2D model; send one slice")
     return predictor.prepare(image.to_gray())
@@ -142,7 +142,7 @@ def evaluate_localization(checkpoint, manifest_csv, out_dir, method: str = "grad
         raise ChestDxError(f"{manifest_csv}: no rows with references to score (split={split})")
     rows = []
     for _, row in frame.iterrows():
-        image = read_image(root / row["path"])
+        image = read_image(root / row["path"], hu_window=predictor.hu_window)
         shown, x = prepare(predictor, root / row["path"], image)
         full_shape = image.pixels.shape[:2]
         result = explain(predictor.model, x, method, target, predictor.explain_heads)

@@ -94,7 +94,10 @@ class ATT2(nn.Module):
 
     def attend(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(the concatenated g_hat (B, E), the attention maps of the modules, finest first)."""
-        final, tapped = self.backbone.forward_intermediates(x, indices=self.taps)
+        if self.taps:
+            final, tapped = self.backbone.forward_intermediates(x, indices=self.taps)
+        else:  # only the final map is tapped
+            final, tapped = self.backbone.forward_features(x), []
         tapped = list(tapped) + ([final] if self.tap_final else [])
         g = self.tail(final).mean(dim=(2, 3))  # global average pooling
         attended, maps = zip(*(module(local, g) for module, local in zip(self.attention, tapped)))
@@ -152,7 +155,7 @@ def _final_features_module(backbone: nn.Module) -> nn.Module:
 
 DIAGNOSIS = Head("diagnosis", "binary", ("noncovid", "covid"), output="logits")
 DIAGNOSIS_3 = Head("diagnosis", "multiclass", ("normal", "pneumonia", "covid"), output="logits")
-_PREPROCESS = {"channels": 1, "resize": "pad", "clahe": False}
+_PREPROCESS = {"channels": 1, "resize": "pad", "clahe": False, "hu_window": [-600, 1500]}  # lung window for DICOM CT
 _PAPER = "resnet50-att2-bilstm_ct_004"
 
 register(ModelEntry(

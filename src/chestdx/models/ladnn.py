@@ -79,7 +79,9 @@ class LADNNMethod(SupervisedMethod):
         return super().losses(model, batch, rng)
 
 
-_CT_PREPROCESS = {"channels": 1, "resize": "pad", "clahe": False}
+# DICOM CT input is windowed from HU by the lung window (-600 / 1500), the window of covid-ct's
+# figures, never by the file's own VOI window (often mediastinal: the lungs come out black).
+_CT_PREPROCESS = {"channels": 1, "resize": "pad", "clahe": False, "hu_window": [-600, 1500]}
 register(ModelEntry(
     name="ladnn", builder=LADNN, fixed={"n_lesions": len(LESIONS)}, method="ladnn", heads=(DIAGNOSIS, LESION_HEAD), primary="diagnosis",
     description="LA-DNN: backbone + COVID head + auxiliary five-lesion head (Liu et al., KDD 2020)",

@@ -7,7 +7,7 @@ concatenated g_hat, `chestdx.models.att2`), which stays frozen: no gradient, eva
 weights and batch-norm statistics leave stage 2 bit-identical. Then, with h_i the concatenated
 forward and backward hidden states at slice i and h_n the last one:
 
-    g = tanh(W_g h_n + b_g)                (Eq. 1)
+    g = tanh(W_g h_n + b_g)                (Eq. 1; h_n = [forward state after slice n; backward after slice 1])
     s_i = g^T W_s h_i                      (Eq. 2)
     a_i = softmax_i(s_i)                   (Eq. 3)
     g_hat = sum_i a_i h_i                  (Eq. 4)
@@ -20,7 +20,8 @@ montage weighs each slice's own attention map by it (`weighted_slice_maps`).
 g_hat = sum_i a_i tanh(W_v e_i), with the scores still from the Bi-LSTM (Eq. 1-3). Every hidden
 state of a Bi-LSTM can summarise the whole sequence, so with the paper's Eq. 4 the classifier does
 not need the attention on the slices that matter, and in practice it settles on the first or last
-slice (s_n = g(h_n)^T W_s h_n rewards h_n for resembling itself); with the slices pooled, only the
+slice, whose hidden state holds half of h_n itself (the forward state at slice n, the backward one
+at slice 1), so g = g(h_n) scores it high; with the slices pooled, only the
 attended slices' content reaches the classifier, so the attention has to find them
 (benchmarks/reproduce_att2.py measures both).
 
@@ -93,7 +94,9 @@ class SequenceAttention(nn.Module):
     @property
     def bundle_kwargs(self) -> dict:
         """Constructor arguments resolved at build time, recorded in the bundle (the extractor's architecture)."""
-        return {"extractor": self.extractor_spec}
+        # The embedding cache is for training (epochs over the same sequences); a served or exported
+        # model keeps no patient data between requests.
+        return {"extractor": self.extractor_spec, "embedding_cache": 0}
 
     def check_preprocess(self, preprocess: dict) -> None:
         """The slices must reach the extractor as they reached it in stage 1."""
@@ -148,8 +151,11 @@ class SequenceAttention(nn.Module):
 
     def attend(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(g_hat (B, 2 hidden), the slice attention a (B, S)) of slice embeddings (B, S, E)."""
-        h, _ = self.lstm(embeddings)  # h_i = [forward h_i ; backward h_i]
-        g = torch.tanh(self.global_proj(h[:, -1]))  # Eq. 1, h_n the last hidden state
+        h, (last, _) = self.lstm(embeddings)  # h_i = [forward h_i ; backward h_i]
+        # h_n, "the last hidden state given by the RNN": each direction's final state, the forward one
+        # after slice n and the backward one after slice 1, so both have read the whole sequence.
+        h_n = torch.cat([last[0], last[1]], dim=1)
+        g = torch.tanh(self.global_proj(h_n))  # Eq. 1
         scores = (self.score(h) * g[:, None, :]).sum(-1)  # s_i = g^T W_s h_i (Eq. 2)
         attention = torch.softmax(scores, dim=1)  # Eq. 3
         pooled = h if self.value_proj is None else torch.tanh(self.value_proj(embeddings))

@@ -101,7 +101,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         if served.predictor.sample == "sequence":
             return run_series(served, data, name, heatmap, started)
         try:
-            image = decode_image(data, name, max_pixels=settings.max_pixels)
+            image = decode_image(data, name, max_pixels=settings.max_pixels, hu_window=served.predictor.hu_window)
         except InputError as err:
             raise ServiceError(_input_status(err), err.reason, name) from None
         if image.meta.get("frames", 1) > 1:
@@ -130,7 +130,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             ("decode", t_decode - started), ("preprocess", t_pre - t_decode), ("inference", t_inf - t_pre),
             ("heatmap", t_heat - t_inf), ("total", t_heat - started))}
         result["backend"] = predictor.backend
-        meta = {k: image.meta.get(k) for k in ("format", "modality", "photometric", "original_size") if k in image.meta}
+        meta = {k: image.meta.get(k) for k in ("format", "modality", "photometric", "original_size", "window")
+                if k in image.meta}
         stored = _stored_image(data, image.meta["format"]) if settings.store_images else (None, None)
         study = db.add(model=served.name, sha256=hashlib.sha256(data).hexdigest(), input_format=image.meta["format"],
                        prediction=_as_text(verdict["prediction"]),

@@ -262,8 +262,8 @@ SECTIONS: dict[str, dict[str, Key]] = {
                       doc="CT intensity window applied first"),
         "lung_crop": Key(False, BOOL, doc="crop each slice to its lung box (classical lung mask), as ResNet50-ATT2"),
         "hu_window": Key(None, Nullable(ListOf(NUMBER, 2, what="a [center, width] pair of numbers")),
-                         doc="CT window [center, width] for HU volumes (DICOM CT series) read as sequences; "
-                             "slice images, already in [0, 1], pass unchanged"),
+                         doc="CT window [center, width] for HU input (DICOM CT images and series) instead of "
+                             "the file's VOI window; PNG/JPEG, already in [0, 1], pass unchanged"),
     },
     "augment": {
         "affine": Key(True, AnyOf(BOOL, PROBABILITY, what="true, false or a probability between 0 and 1"),
