@@ -204,16 +204,16 @@ class LungCrop:
         out = dict(sample)
         boxes = [self.box(c) for c in sample["image"]]
         for k in present:
-            channels = []
-            for c, box in zip(sample[k], boxes if len(sample[k]) == len(boxes) else boxes[:1] * len(sample[k])):
-                if box is None:
-                    channels.append(c)
-                    continue
-                y0, y1, x0, x1 = box
-                fit = Resize(c.shape, keep_aspect=True, keys=(k,), nearest=self.nearest)
-                channels.append(fit({"image": c[None, y0:y1, x0:x1], k: c[None, y0:y1, x0:x1]})[k][0])
-            out[k] = np.stack(channels).astype(sample[k].dtype)
+            # A one-channel mask follows the first slice's box; a field with one channel per slice its own.
+            per_channel = boxes if len(sample[k]) == len(boxes) else boxes[:1] * len(sample[k])
+            out[k] = np.stack([c if box is None else self._fit(c[box[0]:box[1], box[2]:box[3]], c.shape, k)
+                               for c, box in zip(sample[k], per_channel)]).astype(sample[k].dtype)
         return out
+
+    def _fit(self, crop: np.ndarray, shape, key: str) -> np.ndarray:
+        """The crop back onto the slice's grid, aspect kept (nearest neighbour for masks)."""
+        nearest = ("image",) if key in self.nearest else ()
+        return Resize(shape, keep_aspect=True, keys=("image",), nearest=nearest)({"image": crop[None]})["image"][0]
 
 
 class Window:

@@ -133,13 +133,19 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         meta = {k: image.meta.get(k) for k in ("format", "modality", "photometric", "original_size", "window")
                 if k in image.meta}
         stored = _stored_image(data, image.meta["format"]) if settings.store_images else (None, None)
-        study = db.add(model=served.name, sha256=hashlib.sha256(data).hexdigest(), input_format=image.meta["format"],
+        return record(served, data, image.meta["format"], verdict, result, {"image": meta},
+                      image=stored[0], image_media_type=stored[1])
+
+    def record(served: ServedModel, data: bytes, input_format: str, verdict: dict, result: dict, extra: dict,
+               **stored) -> dict:
+        """Store one study (the verdict, timings, backend and `extra`) and return the response body."""
+        study = db.add(model=served.name, sha256=hashlib.sha256(data).hexdigest(), input_format=input_format,
                        prediction=_as_text(verdict["prediction"]),
                        threshold=verdict["threshold"] if not isinstance(verdict["threshold"], dict) else None,
                        result={**{k: v for k, v in verdict.items() if k not in ("prediction", "threshold")},
-                               "timings_ms": result["timings_ms"], "image": meta, "backend": predictor.backend},
-                       image=stored[0], image_media_type=stored[1])
-        log.info("study %s: model %s, %s", study.id, served.name, verdict["prediction"])
+                               "timings_ms": result["timings_ms"], **extra, "backend": served.predictor.backend},
+                       **stored)
+        log.info("study %s: model %s, %s, %s", study.id, served.name, input_format, verdict["prediction"])
         return {"study_id": study.id, "study_url": f"{API}/studies/{study.id}", **result}
 
     def run_series(served: ServedModel, data: bytes, name: str, heatmap: bool, started: float) -> dict:
@@ -166,13 +172,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                                 "heatmap": round((t_heat - t_inf) * 1000, 2),
                                 "total": round((t_heat - started) * 1000, 2)}
         result["backend"] = predictor.backend
-        study = db.add(model=served.name, sha256=hashlib.sha256(data).hexdigest(), input_format="series",
-                       prediction=_as_text(verdict["prediction"]),
-                       threshold=verdict["threshold"] if not isinstance(verdict["threshold"], dict) else None,
-                       result={**{k: v for k, v in verdict.items() if k not in ("prediction", "threshold")},
-                               "timings_ms": result["timings_ms"], "backend": predictor.backend})
-        log.info("study %s: model %s, series, %s", study.id, served.name, verdict["prediction"])
-        return {"study_id": study.id, "study_url": f"{API}/studies/{study.id}", **result}
+        return record(served, data, "series", verdict, result, {})
 
     def _as_text(prediction) -> str:
         """A multi-label verdict (the labels above their thresholds) as one database cell."""
