@@ -59,3 +59,22 @@ def tiny_models_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cxr_covid_dir() -> Path:
     return _real_dataset("cxr-covid")
+
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL cluster (Debian's package) for the service tests; CHESTDX_TEST_PG_URL
+    points at an existing server instead. Without PostgreSQL installed the tests that need it are
+    skipped, except under CI (.ci/run installs it), where they fail."""
+    from tests.postgres import postgres_bin, throwaway_postgres
+
+    if os.environ.get("CHESTDX_TEST_PG_URL"):
+        yield os.environ["CHESTDX_TEST_PG_URL"]
+        return
+    if postgres_bin() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL not installed; .ci/run installs Debian's postgresql package")
+        pytest.skip("PostgreSQL not installed (apt-get install postgresql)")
+    with throwaway_postgres() as url:
+        yield url

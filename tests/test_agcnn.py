@@ -244,7 +244,7 @@ def test_service_returns_the_crop_box(agcnn_bundle, nih_images, tmp_path):
     from chestdx.serve.app import ServiceSettings, create_app
 
     settings = ServiceSettings(models_dir=agcnn_bundle.parent, db_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
-                               cache_dir=tmp_path / "cache")
+                               cache_dir=tmp_path / "cache", auth=False)
     with TestClient(create_app(settings)) as client:
         card = client.get("/api/v1/models").json()["models"][0]
         assert card["backend"] == "onnxruntime"  # exported as two graphs, served without the crop's Python model

@@ -138,7 +138,8 @@ def test_service_serves_a_three_class_model_with_attention_heat_maps(tmp_path, c
     models = tmp_path / "models"
     save_bundle(make_bundle(module.model, cfg, validation={"auc": 0.5}), models / "magsd-tiny.pt")
     image = sorted((cxr_covid_dir / "images" / "nih").glob("*.jpg"))[0]
-    settings = ServiceSettings(models_dir=models, db_url=f"sqlite:///{tmp_path / 'db.sqlite'}", cache_dir=tmp_path / "c")
+    settings = ServiceSettings(models_dir=models, db_url=f"sqlite:///{tmp_path / 'db.sqlite'}", cache_dir=tmp_path / "c",
+                               auth=False)  # loopback test client: the local administrator
     with TestClient(create_app(settings)) as client:
         card = client.get("/api/v1/models").json()["models"][0]
         assert card["classes"] == ["normal", "pneumonia", "covid"] and "normal / pneumonia / covid" in card["intended_use"]

@@ -15,12 +15,16 @@ from chestdx.serve.app import ServiceSettings, create_app
 from tests.test_io import make_dicom
 
 
-@pytest.fixture(scope="module")
-def service(tiny_models_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def service(request, tiny_models_dir, tmp_path_factory):
+    """The service on SQLite and on a throwaway PostgreSQL, called with an API key of one organisation."""
     root = tmp_path_factory.mktemp("service")
-    settings = ServiceSettings(models_dir=tiny_models_dir, db_url=f"sqlite:///{root / 'studies.db'}",
-                               cache_dir=root / "cache", store_images=True, max_upload_mb=1, max_pixels=4_000_000)
-    with TestClient(create_app(settings)) as client:
+    url = f"sqlite:///{root / 'studies.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    settings = ServiceSettings(models_dir=tiny_models_dir, db_url=url, cache_dir=root / "cache", store_images=True,
+                               max_upload_mb=1, max_pixels=4_000_000)
+    app = create_app(settings)
+    secret, _ = app.state.accounts.create_key("clinic-a", ["predict", "read"], name="tests")
+    with TestClient(app, headers={"X-API-Key": secret}) as client:
         yield client
 
 
@@ -43,6 +47,7 @@ def test_health_and_models(service):
     assert card["backend"] == "onnxruntime" and card["heatmaps"] and card["threshold"] == pytest.approx(0.4)
     assert "not for diagnosis" in card["intended_use"] and card["metrics"]["validation"]["auc"] == 0.5
     assert "/api/v1/predict" in service.get("/openapi.json").json()["paths"]
+    assert TestClient(service.app).get("/openapi.json").status_code == 401  # the API's map needs a key too
 
 
 def test_predict_matches_pytorch_and_is_recorded(service, ct_png, tiny_models_dir):
@@ -132,7 +137,13 @@ def test_unknown_study_and_web_page(service):
     assert res.status_code == 404 and "no study" in res.json()["error"]["message"]
     page = service.get("/")
     assert page.status_code == 200 and "Research use only, not for diagnosis" in page.text
-    assert 'id="files"' in page.text and "opacity" in page.text
+    assert 'id="files"' in page.text and 'id="login-form"' in page.text
+    # The page passes its own CSP: no inline script or style, scripts only from the service itself.
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert "<style" not in page.text and " style=" not in page.text and "<script>" not in page.text
+    script = service.get("/static/app.js")
+    assert script.status_code == 200 and "opacity" in script.text and "X-CSRF-Token" in script.text
+    assert service.get("/static/../db.py").status_code == 404 and service.get("/static/index.html").status_code == 404
 
 
 def test_onnx_export_matches_pytorch_on_real_images(tiny_models_dir, covid_ct_dir, tmp_path):
@@ -151,3 +162,38 @@ def test_onnx_export_matches_pytorch_on_real_images(tiny_models_dir, covid_ct_di
     got = onnx_p.model(x)  # a batch of 6 through the dynamic batch axis
     for key in ("logits", "lesion_logits"):
         assert torch.allclose(got[key], expected[key], atol=1e-4)
+
+
+def test_service_heat_maps_come_in_closed_form_and_equal_the_backward_pass(service, ct_png):
+    from chestdx.data.io import decode_image
+    from chestdx.explain import explain
+
+    served = service.app.state.models["ladnn-tiny"]
+    assert served.closed_form("gradcam++") and served.card()["heatmap_backend"].startswith("closed form")
+    _, x = served.predictor.prepare(decode_image(ct_png, "x.png").to_gray())
+    spread = []
+    for target in ("covid", "noncovid"):
+        fast = served.heatmap(x, "gradcam++", target)
+        slow = explain(served.explainer.model, x, "gradcam++", target, served.explainer.explain_heads).maps[0, 0]
+        assert np.abs(fast - slow).max() < 1e-3
+        spread.append(fast.std())
+    assert max(spread) > 0.01  # not two blank maps agreeing
+    body = service.post("/api/v1/predict", files={"file": ("s.png", ct_png)}).json()
+    assert body["heatmap"]["computed"] == "closed form from the ONNX features"
+    assert served.heatmap_target(body["prediction"]) == body["prediction"]  # the verdict's class, not the argmax
+
+
+def test_png_metadata_is_stripped_before_storing(service, ct_png):
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Patient", "Doe^Jane MRN12345")
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(ct_png)).save(buf, "PNG", pnginfo=info)
+    assert b"Doe^Jane" in buf.getvalue()
+    res = service.post("/api/v1/predict", files={"file": ("a.png", buf.getvalue())}, data={"heatmap": "false"})
+    assert res.status_code == 200, res.text
+    study = service.app.state.db.get(res.json()["study_id"])
+    assert study.image_media_type == "image/png" and b"Doe^Jane" not in study.image
+    stored, sent = (np.asarray(Image.open(io.BytesIO(b))) for b in (study.image, buf.getvalue()))
+    assert np.array_equal(stored, sent)  # the pixels themselves are kept

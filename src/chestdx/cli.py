@@ -21,6 +21,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="chestdx: attention-guided diagnosis of chest X-ray and CT images (research use only).")
 datasets_app = typer.Typer(no_args_is_help=True, help="List, describe and check datasets and manifests.")
 app.add_typer(datasets_app, name="datasets")
+from chestdx.serve.admin_cli import audit as audit_command, keys_app, users_app  # noqa: E402  (light: typer only)
+
+app.add_typer(users_app, name="users")
+app.add_typer(keys_app, name="keys")
+app.command("audit")(audit_command)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -145,7 +150,7 @@ def predict(
             rows.append({"path": str(path), **predictor.predict_source(path)})
         except ChestDxError as err:
             failed += 1
-            err_console.print(f"error: {err}", highlight=False, soft_wrap=True)
+            err_console.print(f"error: {err}", highlight=False, markup=False, soft_wrap=True)
     if out:
         _write_predictions(rows, out)
         console.print(f"{len(rows)} prediction(s) written to {out}")
@@ -209,7 +214,7 @@ def explain(
 
     def report(err):
         failed.append(err)
-        err_console.print(f"error: {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"error: {err}", highlight=False, markup=False, soft_wrap=True)
 
     records = explain_files(checkpoint or _default_model(), files, out, method, target, _threshold(threshold), report)
     console.print(f"{len(records)} map(s) for {len(files) - len(failed)} image(s); gallery: {out / 'gallery.html'}")
@@ -305,31 +310,65 @@ def serve(
                                     "(default: $CHESTDX_HOME/models)"),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
-    db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL (default: sqlite:///$CHESTDX_HOME/studies.db)"),
+    db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL (default: sqlite:///$CHESTDX_HOME/studies.db; "
+                                     "PostgreSQL: postgresql+psycopg://user@host/dbname)"),
     store_images: bool = typer.Option(False, "--store-images", help="keep de-identified uploads in the database"),
     max_upload_mb: float = typer.Option(50.0, "--max-upload-mb"),
-    max_pixels: int = typer.Option(50_000_000, "--max-pixels"),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="largest image accepted (default: the "
+                                             "command line's limit, chestdx.data.io.MAX_PIXELS)"),
     workers: int = typer.Option(1, "--workers", help="uvicorn worker processes"),
+    no_auth: bool = typer.Option(False, "--no-auth", help="no login or API key (only with a loopback --host)"),
+    cors: List[str] = typer.Option([], "--cors-origin", help="a web origin allowed to call the API from a browser"),
+    secure_cookies: bool = typer.Option(False, "--secure-cookies", help="mark the session cookie Secure even "
+                                        "when requests reach the service over plain HTTP (TLS ends at a proxy)"),
 ):
-    """Start the web page and REST API (OpenAPI docs at /docs)."""
+    """Start the web page and REST API (OpenAPI docs at /docs, after logging in)."""
     import os
 
     import uvicorn
 
+    from chestdx.data.io import MAX_PIXELS
     from chestdx.settings import home as chestdx_home
 
+    if no_auth and host not in ("127.0.0.1", "localhost", "::1"):
+        raise ChestDxError(f"--no-auth serves everyone who reaches {host}; it is allowed only with --host 127.0.0.1")
     home = chestdx_home()
     os.environ["CHESTDX_SERVE_MODELS"] = str(models_dir or home / "models")
     os.environ["CHESTDX_SERVE_DB"] = db or f"sqlite:///{home / 'studies.db'}"
     os.environ["CHESTDX_SERVE_STORE_IMAGES"] = "1" if store_images else "0"
     os.environ["CHESTDX_SERVE_MAX_MB"] = str(max_upload_mb)
-    os.environ["CHESTDX_SERVE_MAX_PIXELS"] = str(max_pixels)
-    from chestdx.serve.app import app_from_env
+    os.environ["CHESTDX_SERVE_MAX_PIXELS"] = str(max_pixels or MAX_PIXELS)
+    os.environ["CHESTDX_SERVE_AUTH"] = "0" if no_auth else "1"
+    os.environ["CHESTDX_SERVE_CORS"] = ",".join(cors)
+    os.environ["CHESTDX_SERVE_SECURE_COOKIES"] = "1" if secure_cookies else "0"
+    from chestdx.serve.app import app_from_env, deid_key
 
-    app_from_env()  # fail here, with one line, if the models or the database are unusable
+    os.environ["CHESTDX_DEID_KEY"] = deid_key(home)  # one UID mapping for every worker
+
+    service = app_from_env()  # fail here, with one line, if the models or the database are unusable
+    if not no_auth:
+        _first_admin(service.state.accounts)
     console.print(f"chestdx service: http://{host}:{port}/  (API docs: http://{host}:{port}/docs)")
     uvicorn.run("chestdx.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers,
-                log_level="warning")
+                log_level="warning", proxy_headers=True)
+
+
+def _first_admin(accounts) -> None:
+    """A service with no users gets one administrator, its password printed once, so the page can be used."""
+    import secrets
+
+    if accounts.users():
+        return
+    from sqlalchemy.exc import IntegrityError
+
+    password = secrets.token_urlsafe(12)
+    try:
+        accounts.add_user("admin", password, "default", admin=True)
+    except (ChestDxError, IntegrityError):  # another process starting on the same database made it first
+        return
+    accounts.db.audit("cli", "user_added", detail="admin (default, admin): first start")
+    console.print(f"first start: created the user [bold]admin[/] with password [bold]{password}[/] "
+                  "(shown once; add users with `chestdx users add`)")
 
 
 @app.command()
@@ -404,7 +443,7 @@ def datasets_check(manifest: Path, label_column: str = typer.Option("label", "--
                 read_image(path)
             except ChestDxError as err:
                 bad += 1
-                err_console.print(f"error: {err}", highlight=False)
+                err_console.print(f"error: {err}", highlight=False, markup=False)
     console.print(f"{manifest}: {len(m)} rows, {m.frame['patient_id'].nunique()} patients, classes {list(m.classes)}, "
                   f"no patient in two splits, {bad} unreadable image(s)")
     if bad:
@@ -446,7 +485,7 @@ def main() -> None:
         # Without standalone mode click returns the exit code of typer.Exit instead of exiting.
         code = app(standalone_mode=False)
     except ChestDxError as err:
-        err_console.print(f"error: {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"error: {err}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -9,12 +9,20 @@ can be served without the model's Python code.
 A model with a step that is no tensor op (AG-CNN's connected components) declares
 `export_parts()`: its graphs in order and the dotted name of the NumPy step between them. Then
 `model.onnx` is the first graph, `model.<part>.onnx` the next ones, and `model.json` lists them.
+
+A model whose explained scores are global average pooling + linear on (a pointwise map of) its CAM
+target layer (`chestdx.explain.closed_form`) also outputs that layer's feature maps
+(`cam_features`, or `cam_features_<m>` per ensemble member), and `model.cam.npz` beside it holds
+the head weights (`model.json`'s `cam` entry describes them): CAM, Grad-CAM and Grad-CAM++ then
+follow from one ONNX pass with a few NumPy operations (`OnnxModel.explain`), no PyTorch model.
+The feature outputs are returned only on request (`OnnxModel(x, features=True)`).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,21 +35,36 @@ from chestdx.models.bundle import load_bundle
 from chestdx.tasks import heads_from
 from chestdx.utils import atomic_path, write_json_atomic
 
+log = logging.getLogger("chestdx.export")
+
 METADATA_KEYS = ("registry_name", "model_kwargs", "heads", "primary", "classes", "sample", "spatial_dims", "modality",
                  "preprocess", "tta", "tta_scales", "thresholds", "validation", "data_fingerprint", "best_epoch")
 ONNX_FORMAT = "chestdx-onnx-v2"
 
 
 class _Outputs(torch.nn.Module):
-    """The model's dict of outputs as the tuple ONNX needs."""
+    """The model's dict of outputs as the tuple ONNX needs, then the outputs of `layers` (the CAM
+    target layers' feature maps), each captured by a forward hook."""
 
-    def __init__(self, model, names):
+    def __init__(self, model, names, layers=()):
         super().__init__()
-        self.model, self.names = model, names
+        self.model, self.names, self.layers = model, names, list(layers)
 
     def forward(self, x):
-        out = self.model(x)
-        return tuple(out[name] for name in self.names)
+        captured = [None] * len(self.layers)
+
+        def keep(k):
+            def hook(module, inputs, output):
+                captured[k] = output
+            return hook
+
+        handles = [layer.register_forward_hook(keep(k)) for k, layer in enumerate(self.layers)]
+        try:
+            out = self.model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return tuple(out[name] for name in self.names) + tuple(captured)
 
 
 @dataclass(frozen=True)
@@ -69,22 +92,48 @@ def metadata_path(onnx_path) -> Path:
     return Path(onnx_path).with_suffix(".json")
 
 
-def export_onnx(bundle_path, out_path=None, opset: int = 17) -> Path:
+def cam_weights_path(onnx_path) -> Path:
+    """`<out>.cam.npz`: the closed-form CAM's head weights beside `<out>.onnx`."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(f"{onnx_path.stem}.cam.npz")
+
+
+def export_onnx(bundle_path, out_path=None, opset: int = 17, with_features: bool | None = None) -> Path:
     """Write `<out>.onnx` and `<out>.json` (and `<out>.<part>.onnx` for a model in parts); returns the
-    ONNX path. Dynamic batch size."""
+    ONNX path. Dynamic batch size.
+
+    with_features: also output the CAM target layers' feature maps and write `<out>.cam.npz`, for
+    closed-form heat maps. None (the default): whenever the model's heads allow it
+    (`chestdx.explain.closed_form.closed_form_spec`); True: fail if they do not; False: never."""
+    from chestdx.explain.closed_form import closed_form_check, save_spec, target_layers
+    from chestdx.explain.core import ordered_heads
+
     model, bundle = load_bundle(bundle_path)
     out_path = Path(out_path) if out_path else Path(bundle_path).with_suffix(".onnx")
     shape = input_shape(bundle)
     example = torch.zeros(*shape)
     meta = {"format": ONNX_FORMAT, "input": {"name": "image", "shape": [None, *shape[1:]]},
             **{k: bundle[k] for k in METADATA_KEYS if k in bundle}, "source": Path(bundle_path).name}
+    spec, why = None, "a model exported in parts"
+    if with_features is not False and not hasattr(model, "export_parts"):
+        heads = ordered_heads(heads_from(bundle), bundle.get("primary"))  # the explainer's score columns
+        spec, why = closed_form_check(model, heads)
+    if with_features and spec is None:
+        raise ChestDxError(f"{bundle_path}: no closed-form CAM for this model ({why})")
     if hasattr(model, "export_parts"):
         parts, between = model.export_parts()
         meta.update(_export_parts(parts, between, example, out_path, bundle, opset))
     else:
         names = [h.output for h in heads_from(bundle)] + list(getattr(model, "export_outputs", ()))
-        _export_graph(_Outputs(model, names).eval(), (example,), ("image",), names, out_path, opset)
+        features = [m["feature"] for m in spec["members"]] if spec else []
+        layers = target_layers(model) if spec else []
+        _export_graph(_Outputs(model, names, layers).eval(), (example,), ("image",), names + features, out_path,
+                      opset)
         meta["outputs"] = names
+        if spec:
+            spec["input_hw"] = list(shape[2:])
+            meta["cam"] = {"features": features, "methods": ["cam", "gradcam", "gradcam++"],
+                           **save_spec(spec, cam_weights_path(out_path))}
     write_json_atomic(metadata_path(out_path), meta)
     return out_path
 
@@ -126,15 +175,20 @@ def _between_step(name: str):
 
 class OnnxModel:
     """ONNX Runtime sessions that answer like a chestdx model: x -> dict of tensors. A model exported
-    in parts runs its graphs in order with the NumPy step between them (its boxes are outputs too)."""
+    in parts runs its graphs in order with the NumPy step between them (its boxes are outputs too).
+
+    An export with closed-form CAM (metadata `cam`) has `cam_spec` (else None): `model(x, features=True)`
+    adds the feature maps to the dict, `model.explain(x, method, target)` gives the heat maps."""
 
     def __init__(self, onnx_path, threads: int | None = None, meta: dict | None = None):
         import onnxruntime as ort
 
         meta = meta or {}
         options = ort.SessionOptions()
-        if threads:
+        if threads:  # a service runs many requests at once: one thread each, and no spinning while idle
             options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         onnx_path = Path(onnx_path)
         graphs = meta.get("graphs") or [{"file": onnx_path.name, "inputs": ["image"], "outputs": None}]
         self.sessions = []
@@ -145,30 +199,57 @@ class OnnxModel:
             except Exception as err:
                 raise ChestDxError(f"{path}: not a loadable ONNX model ({err})") from None
             self.sessions.append((session, graph["inputs"], [o.name for o in session.get_outputs()]))
-        self.names = [n for _, _, outputs in self.sessions for n in outputs]
+        self.feature_names = list((meta.get("cam") or {}).get("features", []))
+        self.names = [n for _, _, outputs in self.sessions for n in outputs if n not in self.feature_names]
         self.step = _between_step(meta["between"]) if meta.get("between") else None
         self.model_kwargs = meta.get("model_kwargs", {})
+        self.cam_spec = _load_cam_spec(meta, onnx_path)
 
-    def __call__(self, x: torch.Tensor) -> dict:
+    def __call__(self, x: torch.Tensor, features: bool = False) -> dict:
+        """Each output by name; `features`: also the CAM target layers' feature maps (if exported)."""
         values = {"image": np.ascontiguousarray(x.numpy(), dtype=np.float32)}
         for k, (session, inputs, outputs) in enumerate(self.sessions):
             if k:
                 values.update(self.step(values, self.model_kwargs))
-            values.update(zip(outputs, session.run(None, {n: values[n] for n in inputs})))
+            wanted = [n for n in outputs if features or n not in self.feature_names]
+            values.update(zip(wanted, session.run(wanted, {n: values[n] for n in inputs})))
         return {name: torch.from_numpy(np.asarray(value)) for name, value in values.items() if name != "image"}
+
+    def explain(self, x: torch.Tensor, method: str = "gradcam++", target="predicted"):
+        """`chestdx.explain.explain`'s answer (an `Explanation`) in closed form from one ONNX pass."""
+        from chestdx.explain.closed_form import explain_outputs
+
+        if self.cam_spec is None:
+            raise ChestDxError("this ONNX export has no closed-form CAM; explain the PyTorch bundle")
+        return explain_outputs(self(x, features=True), self.cam_spec, method, target, input_hw=x.shape[2:])
 
     def eval(self):
         return self
 
 
-def load_onnx(onnx_path) -> tuple[OnnxModel, dict]:
+def _load_cam_spec(meta: dict, onnx_path: Path) -> dict | None:
+    """The closed-form CAM spec of an export, None without one (or with its weights file missing or
+    changed: then heat maps need the PyTorch bundle, and predictions are unaffected)."""
+    if not meta.get("cam"):
+        return None
+    from chestdx.explain.closed_form import load_spec
+
+    try:
+        return load_spec({k: v for k, v in meta["cam"].items() if k not in ("features", "methods")},
+                         Path(onnx_path).parent)
+    except (ChestDxError, OSError, ValueError, KeyError) as err:
+        log.warning("%s: closed-form CAM unavailable (%s)", onnx_path, err)
+        return None
+
+
+def load_onnx(onnx_path, threads: int | None = None) -> tuple[OnnxModel, dict]:
     meta_file = metadata_path(onnx_path)
     if not meta_file.is_file():
         raise ChestDxError(f"{onnx_path}: metadata {meta_file.name} missing; export with `chestdx export`")
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != ONNX_FORMAT:
         raise ChestDxError(f"{meta_file}: not chestdx ONNX metadata (expected format {ONNX_FORMAT})")
-    return OnnxModel(onnx_path, meta=meta), meta
+    return OnnxModel(onnx_path, threads=threads, meta=meta), meta
 
 
 def part_files(meta_file) -> list[str]:

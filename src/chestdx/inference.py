@@ -20,12 +20,13 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""}
 class Predictor:
     """A model bundle (.pt, PyTorch) or an exported model (.onnx + .json, ONNX Runtime)."""
 
-    def __init__(self, bundle_path):
+    def __init__(self, bundle_path, threads: int | None = None):
+        """`threads`: ONNX Runtime threads per call (None: all cores), for a service answering many at once."""
         self.path = Path(bundle_path)
         if self.path.suffix == ".onnx":
             from chestdx.export import load_onnx
 
-            self.model, self.bundle = load_onnx(self.path)
+            self.model, self.bundle = load_onnx(self.path, threads=threads)
             self.backend = "onnxruntime"
         else:
             self.model, self.bundle = load_bundle(bundle_path)

@@ -10,29 +10,36 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import List, Optional
 
 import cv2
 import numpy as np
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chestdx.data.io import decode_image
+from chestdx.data.io import MAX_PIXELS, decode_image
 from chestdx.errors import InputError
-from chestdx.explain import explain
 from chestdx.explain.render import draw_box, overlay_rgb
+from chestdx.serve.auth import LOCAL, SESSION_COOKIE, SESSION_HOURS, Accounts, Principal, same_token
 from chestdx.serve.db import Database
-from chestdx.serve.deid import deidentify_dicom
+from chestdx.serve.deid import deidentify
 from chestdx.serve.registry import ServedModel, load_models
+from chestdx.serve.security import RequestGuard
 from chestdx.serve.series import is_series_upload, unpacked_series
 
 log = logging.getLogger("chestdx.serve")
 API = "/api/v1"
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+STATIC = {"app.js": "text/javascript", "app.css": "text/css"}
 
 
 @dataclass
@@ -41,9 +48,17 @@ class ServiceSettings:
     db_url: str
     cache_dir: Path
     store_images: bool = False
-    max_upload_mb: float = 50.0
-    max_pixels: int = 50_000_000
+    max_upload_mb: float = 50.0  # one file
+    max_request_mb: float = 200.0  # one request (a batch of files)
+    max_batch_files: int = 100
+    max_pixels: int = MAX_PIXELS  # the same limit as the command line
+    body_timeout_s: float = 30.0  # a body that stops arriving ends in 408
+    decode_slots: int = 2  # images decoded at once: bounds the memory of many large uploads
     heatmap_method: str = "gradcam++"
+    onnx_threads: int = 1  # per request: concurrent requests share the cores
+    auth: bool = True  # off only for a service bound to loopback (`chestdx serve --no-auth`)
+    cors_origins: tuple = field(default_factory=tuple)  # none: browsers on other sites cannot read answers
+    secure_cookies: bool = False  # also set Secure when the service itself is not behind https
 
     @property
     def max_bytes(self) -> int:
@@ -51,8 +66,13 @@ class ServiceSettings:
 
 
 class ServiceError(Exception):
-    def __init__(self, status: int, message: str, file: str | None = None):
-        self.status, self.message, self.file = status, message, file
+    def __init__(self, status: int, message: str, file: str | None = None, headers: dict | None = None):
+        self.status, self.message, self.file, self.headers = status, message, file, headers
+
+
+class LoginForm(BaseModel):
+    username: str
+    password: str
 
 
 def _input_status(err: InputError) -> int:
@@ -65,22 +85,86 @@ def _input_status(err: InputError) -> int:
     return 400 if reason.startswith("empty file") else 422
 
 
+def _error(status: int, message: str, file: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"status": status, "message": message, "file": file}}, status, headers=headers)
+
+
 def create_app(settings: ServiceSettings) -> FastAPI:
-    models = load_models(settings.models_dir, settings.cache_dir)
+    models = load_models(settings.models_dir, settings.cache_dir, settings.onnx_threads)
     db = Database(settings.db_url)
+    accounts = Accounts(db)
     default_model = sorted(models)[0]
+    decode_slots = threading.BoundedSemaphore(settings.decode_slots)
     app = FastAPI(title="chestdx", version="1", description="Attention-guided diagnosis of chest CT and X-ray "
-                  "images. Research use only, not for diagnosis.")
-    app.state.models, app.state.db, app.state.settings = models, db, settings
+                  "images. Research use only, not for diagnosis.", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.models, app.state.db, app.state.settings, app.state.accounts = models, db, settings, accounts
+    app.add_middleware(RequestGuard, max_body_bytes=int(settings.max_request_mb * 2**20),
+                       body_timeout_s=settings.body_timeout_s)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type"], allow_credentials=False)
 
     @app.exception_handler(ServiceError)
     async def service_error(_request: Request, exc: ServiceError):
-        return JSONResponse({"error": {"status": exc.status, "message": exc.message, "file": exc.file}}, exc.status)
+        return _error(exc.status, exc.message, exc.file, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return JSONResponse({"error": {"status": 422, "message": problems, "file": None}}, 422)
+        return _error(422, problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException):
+        message = {404: "no such page or API route", 405: "method not allowed on this route"}.get(
+            exc.status_code, str(exc.detail))
+        if message.startswith("Invalid multipart data"):
+            message = ("the multipart form could not be parsed: it is malformed, or a part's headers (a file name) "
+                       "are longer than the parser accepts")
+        return _error(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception):  # a bug: logged, answered in the one schema
+        log.exception("unexpected error")
+        return _error(500, "internal error; the request was not processed")
+
+    # who is asking ------------------------------------------------------------------------------
+    def caller(request: Request) -> Principal:
+        if not settings.auth:
+            return LOCAL
+        key = request.headers.get("x-api-key") or _bearer(request.headers.get("authorization", ""))
+        if key:
+            found = accounts.by_key(key)
+            if found is None:
+                raise ServiceError(401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+            return found
+        token = request.cookies.get(SESSION_COOKIE)
+        if token:
+            found = accounts.by_session(token)
+            if found is None:
+                raise ServiceError(401, "the login session has expired; log in again",
+                                   headers={"WWW-Authenticate": "Bearer"})
+            principal = found[0]
+            if request.method not in SAFE_METHODS:
+                _same_origin(request)
+                if not same_token(request.headers.get("x-csrf-token"), principal.csrf_token):
+                    raise ServiceError(403, "missing or wrong X-CSRF-Token header for this login session")
+            return principal
+        raise ServiceError(401, "authentication required: an API key (X-API-Key header or Authorization: Bearer) "
+                                "or a login session", headers={"WWW-Authenticate": "Bearer"})
+
+    def _same_origin(request: Request) -> None:
+        origin = request.headers.get("origin")
+        if origin and origin != f"{request.url.scheme}://{request.url.netloc}" and origin not in settings.cors_origins:
+            raise ServiceError(403, f"cross-site request from {origin[:100]} refused")
+
+    def needs(scope: str):
+        def check(principal: Principal = Depends(caller)) -> Principal:
+            if not principal.allows(scope):
+                raise ServiceError(403, f"this key or user lacks the {scope!r} scope")
+            return principal
+        return check
 
     def pick(name: Optional[str]) -> ServedModel:
         name = name or default_model
@@ -91,24 +175,27 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     def read_upload(upload: UploadFile) -> bytes:
         data = upload.file.read(settings.max_bytes + 1)
         if len(data) > settings.max_bytes:
-            raise ServiceError(413, f"file is larger than the {settings.max_upload_mb:g} MB limit", upload.filename)
+            raise ServiceError(413, f"file is larger than the {settings.max_upload_mb:g} MB limit",
+                               _client_name(upload))
         return data
 
-    def run_one(served: ServedModel, upload: UploadFile, heatmap: bool) -> dict:
-        name = upload.filename or "upload"
+    def run_one(served: ServedModel, upload: UploadFile, heatmap: bool, principal: Principal) -> dict:
+        name = _client_name(upload)
         started = time.perf_counter()
         data = read_upload(upload)
         if served.predictor.sample == "sequence":
-            return run_series(served, data, name, heatmap, started)
-        try:
-            image = decode_image(data, name, max_pixels=settings.max_pixels, hu_window=served.predictor.hu_window)
-        except InputError as err:
-            raise ServiceError(_input_status(err), err.reason, name) from None
-        if image.meta.get("frames", 1) > 1:
-            raise ServiceError(422, f"{image.meta['frames']}-frame DICOM; send one slice", name)
-        t_decode = time.perf_counter()
+            return run_series(served, data, name, heatmap, started, principal)
         predictor = served.predictor
-        shown, x = predictor.prepare(image.to_gray())
+        with decode_slots:  # decoded pixels are the big allocation: a few at a time
+            try:
+                image = decode_image(data, name, max_pixels=settings.max_pixels, hu_window=predictor.hu_window)
+                if image.meta.get("frames", 1) > 1:
+                    raise InputError(name, f"{image.meta['frames']}-frame DICOM; send one slice")
+                served.check_input(image)
+            except InputError as err:
+                raise ServiceError(_input_status(err), err.reason, name) from None
+            t_decode = time.perf_counter()
+            shown, x = predictor.prepare(image.to_gray())
         t_pre = time.perf_counter()
         out, boxes = predictor.predict_tensor(x, with_boxes=True)
         verdict = predictor.describe({name: p[0] for name, p in out.items()})
@@ -119,11 +206,11 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             crop = [float(v) for v in boxes[0]]
             result["crop_box"] = {"x0": crop[0], "y0": crop[1], "x1": crop[2], "y1": crop[3],
                                   "grid": list(shown.shape[:2])}
-        if heatmap and served.explainer is not None:
-            with served.lock:
-                heat = explain(served.explainer.model, x, settings.heatmap_method, "predicted",
-                               served.explainer.explain_heads).maps[0, 0]
+        if heatmap and served.heatmaps(settings.heatmap_method):
+            target = served.heatmap_target(verdict["prediction"])
+            heat = served.heatmap(x, settings.heatmap_method, target)
             result["heatmap"] = {"method": settings.heatmap_method, "target": _as_text(verdict["prediction"]),
+                                 "computed": served.heatmap_backend(settings.heatmap_method),
                                  **_heatmap_pngs(shown, heat, crop)}
         t_heat = time.perf_counter()
         result["timings_ms"] = {k: round(v * 1000, 2) for k, v in (
@@ -132,23 +219,29 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         result["backend"] = predictor.backend
         meta = {k: image.meta.get(k) for k in ("format", "modality", "photometric", "original_size", "window")
                 if k in image.meta}
-        stored = _stored_image(data, image.meta["format"]) if settings.store_images else (None, None)
-        return record(served, data, image.meta["format"], verdict, result, {"image": meta},
+        try:
+            stored = _stored_image(data, image.meta["format"]) if settings.store_images else (None, None)
+        except InputError as err:
+            raise ServiceError(422, f"cannot be de-identified for storing: {err.reason}", name) from None
+        return record(served, principal, data, image.meta["format"], verdict, result, {"image": meta},
                       image=stored[0], image_media_type=stored[1])
 
-    def record(served: ServedModel, data: bytes, input_format: str, verdict: dict, result: dict, extra: dict,
-               **stored) -> dict:
-        """Store one study (the verdict, timings, backend and `extra`) and return the response body."""
+    def record(served: ServedModel, principal: Principal, data: bytes, input_format: str, verdict: dict,
+               result: dict, extra: dict, **stored) -> dict:
+        """Store one study (the verdict, timings, backend and `extra`), owned by the caller's organisation,
+        and return the response body."""
         study = db.add(model=served.name, sha256=hashlib.sha256(data).hexdigest(), input_format=input_format,
                        prediction=_as_text(verdict["prediction"]),
                        threshold=verdict["threshold"] if not isinstance(verdict["threshold"], dict) else None,
                        result={**{k: v for k, v in verdict.items() if k not in ("prediction", "threshold")},
                                "timings_ms": result["timings_ms"], **extra, "backend": served.predictor.backend},
-                       **stored)
+                       org_id=principal.org_id, created_by=principal.actor, **stored)
+        db.audit(principal.actor, "create", principal.org_id, study.id, served.name)
         log.info("study %s: model %s, %s, %s", study.id, served.name, input_format, verdict["prediction"])
         return {"study_id": study.id, "study_url": f"{API}/studies/{study.id}", **result}
 
-    def run_series(served: ServedModel, data: bytes, name: str, heatmap: bool, started: float) -> dict:
+    def run_series(served: ServedModel, data: bytes, name: str, heatmap: bool, started: float,
+                   principal: Principal) -> dict:
         """A sequence model's upload: a zip of one series (or a NIfTI file), one result per series with the
         sequence attention per drawn slice and, with `heatmap`, the weighted attention montage."""
         if not is_series_upload(name, data):
@@ -156,7 +249,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                                     "files, or a .nii/.nii.gz file", name)
         predictor = served.predictor
         try:
-            with unpacked_series(data, name, max_bytes=settings.max_bytes * 20) as path:
+            with decode_slots, unpacked_series(data, name, max_bytes=settings.max_bytes * 20) as path:
                 verdict, shown, x = predictor.predict_series(path)
         except InputError as err:
             raise ServiceError(_input_status(err), err.reason, name) from None
@@ -172,56 +265,123 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                                 "heatmap": round((t_heat - t_inf) * 1000, 2),
                                 "total": round((t_heat - started) * 1000, 2)}
         result["backend"] = predictor.backend
-        return record(served, data, "series", verdict, result, {})
+        return record(served, principal, data, "series", verdict, result, {})
 
     def _as_text(prediction) -> str:
         """A multi-label verdict (the labels above their thresholds) as one database cell."""
         return "|".join(prediction) if isinstance(prediction, list) else prediction
 
+    # routes -------------------------------------------------------------------------------------
     @app.get("/healthz", tags=["service"])
     def healthz():
         with db.engine.connect() as conn:  # proves the database answers
             conn.exec_driver_sql("SELECT 1")
         return {"status": "ok", "models": sorted(models)}
 
+    @app.post(f"{API}/login", tags=["accounts"])
+    def login(form: LoginForm, request: Request, response: Response):
+        """A login session for the web page: an HttpOnly cookie and the CSRF token to send back."""
+        _same_origin(request)
+        found = accounts.login(form.username, form.password)
+        if found is None:
+            db.audit(f"user:{form.username[:100]}", "login_failed")
+            raise ServiceError(401, "wrong user name or password")
+        token, csrf, user = found
+        response.set_cookie(SESSION_COOKIE, token, max_age=SESSION_HOURS * 3600, httponly=True, samesite="strict",
+                            secure=settings.secure_cookies or request.url.scheme == "https", path="/")
+        db.audit(f"user:{user.username}", "login", user.org_id)
+        return {"user": user.username, "admin": user.is_admin, "csrf_token": csrf}
+
+    @app.post(f"{API}/logout", tags=["accounts"])
+    def logout(request: Request, response: Response, principal: Principal = Depends(caller)):
+        token = request.cookies.get(SESSION_COOKIE)
+        if token:
+            accounts.logout(token)
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        db.audit(principal.actor, "logout", principal.org_id)
+        return {"status": "logged out"}
+
+    @app.get(f"{API}/me", tags=["accounts"])
+    def me(principal: Principal = Depends(caller)):
+        """Who the caller is, and (for a login session) the CSRF token the page sends with posts."""
+        return {"actor": principal.actor, "scopes": sorted(principal.scopes), "csrf_token": principal.csrf_token,
+                "auth": settings.auth}
+
     @app.get(f"{API}/models", tags=["models"])
-    def list_models():
+    def list_models(_principal: Principal = Depends(caller)):
         """Every loaded model with its modality, classes, metrics and intended use."""
-        return {"models": [models[name].card() for name in sorted(models)], "default": default_model}
+        return {"models": [models[name].card(settings.heatmap_method) for name in sorted(models)],
+                "default": default_model}
 
     @app.post(f"{API}/predict", tags=["predict"])
     def predict(file: UploadFile = File(..., description="PNG, JPEG or DICOM image; for a sequence model a zip "
                                                           "of one series or a NIfTI file"),
                 model: Optional[str] = Form(None, description="model name (default: the first)"),
-                heatmap: bool = Form(True, description="also return a Grad-CAM++ overlay")):
+                heatmap: bool = Form(True, description="also return a Grad-CAM++ overlay"),
+                principal: Principal = Depends(needs("predict"))):
         """Class probabilities, the label at the model's operating threshold, lesions, heat map, timings."""
-        return run_one(pick(model), file, heatmap)
+        return run_one(pick(model), file, heatmap, principal)
 
     @app.post(f"{API}/predict/batch", tags=["predict"])
     def predict_batch(files: List[UploadFile] = File(...), model: Optional[str] = Form(None),
-                      heatmap: bool = Form(False)):
+                      heatmap: bool = Form(False), principal: Principal = Depends(needs("predict"))):
         """Several files: one result per file, in order; a bad file gets an error entry, the rest go on."""
         served = pick(model)
+        if len(files) > settings.max_batch_files:
+            raise ServiceError(413, f"{len(files)} files in one batch; at most {settings.max_batch_files}")
         results = []
         for upload in files:
             try:
-                results.append({"file": upload.filename, "status": 200, **run_one(served, upload, heatmap)})
+                results.append({"file": _client_name(upload), "status": 200,
+                                **run_one(served, upload, heatmap, principal)})
             except ServiceError as err:
-                results.append({"file": upload.filename, "status": err.status, "error": err.message})
+                results.append({"file": _client_name(upload), "status": err.status, "error": err.message})
         return {"model": served.name, "results": results}
 
     @app.get(f"{API}/studies/{{study_id}}", tags=["studies"])
-    def get_study(study_id: str):
-        study = db.get(study_id)
-        if study is None:
-            raise ServiceError(404, f"no study {study_id!r}")
+    def get_study(study_id: str, principal: Principal = Depends(needs("read"))):
+        """One stored study: readable by its creator's organisation and by administrators."""
+        study = db.get(study_id[:64])
+        if study is None or not (principal.is_admin or study.org_id == principal.org_id):
+            if study is not None:
+                db.audit(principal.actor, "read_denied", principal.org_id, study.id)
+            raise ServiceError(404, f"no study {study_id[:64]!r}")
+        db.audit(principal.actor, "read", principal.org_id, study.id)
         return study.as_dict()
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(_principal: Principal = Depends(caller)):
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False)
+    def docs(_principal: Principal = Depends(caller)):
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="chestdx API")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page():
+        """The page holds no data; it asks for a login before anything else."""
         return resources.files("chestdx.serve").joinpath("static/index.html").read_text()
 
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str):
+        if name not in STATIC:
+            raise ServiceError(404, "no such file")
+        return Response(resources.files("chestdx.serve").joinpath(f"static/{name}").read_text(),
+                        media_type=STATIC[name])
+
     return app
+
+
+def _bearer(header: str) -> str | None:
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def _client_name(upload: UploadFile) -> str:
+    """The client's file name, only for messages: its last path part, printable, at most 120 characters."""
+    name = (upload.filename or "upload").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable()) or "upload"
+    return name if len(name) <= 120 else name[:100] + "..." + name[-17:]
 
 
 def _png_b64(rgb_or_rgba: np.ndarray) -> str:
@@ -254,10 +414,8 @@ def _montage_png(explainer, verdict: dict, shown: np.ndarray, x) -> str:
 
 
 def _stored_image(data: bytes, fmt: str) -> tuple[bytes, str]:
-    if fmt == "dicom":
-        return deidentify_dicom(data), "application/dicom"
-    return data, "image/png" if fmt == "png" else "image/jpeg"
-
+    """The upload as stored: de-identified (DICOM to the PS3.15 basic profile, PNG/JPEG metadata stripped)."""
+    return deidentify(data, fmt), {"dicom": "application/dicom", "png": "image/png", "jpeg": "image/jpeg"}[fmt]
 
 
 def app_from_env() -> FastAPI:
@@ -267,11 +425,37 @@ def app_from_env() -> FastAPI:
     from chestdx.settings import home as chestdx_home
 
     home = chestdx_home()
+    env = os.environ.get
     return create_app(ServiceSettings(
-        models_dir=Path(os.environ.get("CHESTDX_SERVE_MODELS", home / "models")),
-        db_url=os.environ.get("CHESTDX_SERVE_DB", f"sqlite:///{home / 'studies.db'}"),
+        models_dir=Path(env("CHESTDX_SERVE_MODELS", home / "models")),
+        db_url=env("CHESTDX_SERVE_DB", f"sqlite:///{home / 'studies.db'}"),
         cache_dir=home / "cache" / "onnx",
-        store_images=os.environ.get("CHESTDX_SERVE_STORE_IMAGES") == "1",
-        max_upload_mb=float(os.environ.get("CHESTDX_SERVE_MAX_MB", 50)),
-        max_pixels=int(os.environ.get("CHESTDX_SERVE_MAX_PIXELS", 50_000_000)),
+        store_images=env("CHESTDX_SERVE_STORE_IMAGES") == "1",
+        max_upload_mb=float(env("CHESTDX_SERVE_MAX_MB", 50)),
+        max_pixels=int(env("CHESTDX_SERVE_MAX_PIXELS", MAX_PIXELS)),
+        auth=env("CHESTDX_SERVE_AUTH", "1") != "0",
+        cors_origins=tuple(o for o in env("CHESTDX_SERVE_CORS", "").split(",") if o),
+        secure_cookies=env("CHESTDX_SERVE_SECURE_COOKIES") == "1",
     ))
+
+
+def deid_key(home: Path) -> str:
+    """The secret behind replaced DICOM UIDs: CHESTDX_DEID_KEY, else one kept in $CHESTDX_HOME/deid.key, so
+    every worker and every restart maps a UID to the same new UID."""
+    import os
+    import secrets
+
+    if os.environ.get("CHESTDX_DEID_KEY"):
+        return os.environ["CHESTDX_DEID_KEY"]
+    path = home / "deid.key"
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(secrets.token_hex(32))
+        tmp.chmod(0o600)
+        try:
+            os.link(tmp, path)  # atomic and never overwrites: two processes starting at once agree
+        except FileExistsError:
+            pass
+        tmp.unlink()
+    return path.read_text().strip()

@@ -1,9 +1,10 @@
-"""Where results live: one `studies` table through SQLAlchemy (SQLite by default, PostgreSQL by URL).
+"""Where results live: studies, organisations, users, API keys, sessions and the audit log, through
+SQLAlchemy (SQLite by default, PostgreSQL by URL), the schema kept by Alembic migrations.
 
 The service keeps no state in the process, so any number of copies behind a load balancer
-share this database. Images are stored only when the operator opts in, and then without the
-DICOM tags that identify a person (see `deid`); the uploaded file name is never stored (it
-often carries a patient name), only the SHA-256 of the upload.
+share this database. Images are stored only when the operator opts in, and then de-identified
+(see `deid`); the uploaded file name is never stored (it often carries a patient name), only
+the SHA-256 of the upload. Secrets are stored only as hashes (see `auth`).
 """
 
 from __future__ import annotations
@@ -12,19 +13,83 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import JSON, DateTime, Float, LargeBinary, String, create_engine, event, select
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, create_engine,
+                        event, select)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _uuid() -> str:
+    return str(uuid.uuid4())
 
 
 class Base(DeclarativeBase):
     pass
 
 
+class Organisation(Base):
+    __tablename__ = "organisations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=_uuid)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=_uuid)
+    username: Mapped[str] = mapped_column(String(128), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256))  # argon2id, encoded with its parameters
+    org_id: Mapped[str] = mapped_column(ForeignKey("organisations.id"), index=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=_uuid)
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)  # shown in listings and the audit log
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256 of the whole key
+    name: Mapped[str] = mapped_column(String(128))
+    org_id: Mapped[str] = mapped_column(ForeignKey("organisations.id"), index=True)
+    scopes: Mapped[str] = mapped_column(String(64))  # comma-separated: predict, read, admin
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    revoked: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class LoginSession(Base):
+    __tablename__ = "sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)  # SHA-256 of the cookie's token
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    expires: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
+    actor: Mapped[str] = mapped_column(String(160))  # "user:alice" or "key:cdx_ab12cd34"
+    org_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    action: Mapped[str] = mapped_column(String(32))  # create, read, login, logout, login_failed, ...
+    study_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
+    detail: Mapped[str | None] = mapped_column(String(256), nullable=True)
+
+
 class Study(Base):
     __tablename__ = "studies"
 
-    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=lambda: str(uuid.uuid4()))
-    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=lambda: datetime.now(timezone.utc))
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=_uuid)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     model: Mapped[str] = mapped_column(String(128), index=True)
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     input_format: Mapped[str] = mapped_column(String(16))
@@ -33,6 +98,8 @@ class Study(Base):
     result: Mapped[dict] = mapped_column(JSON)  # probabilities, lesions, timings, image metadata
     image: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     image_media_type: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    org_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)  # who may read it
+    created_by: Mapped[str | None] = mapped_column(String(160), nullable=True)
 
     def as_dict(self) -> dict:
         return {"id": self.id, "created": self.created.isoformat(), "model": self.model, "sha256": self.sha256,
@@ -41,15 +108,31 @@ class Study(Base):
 
 
 class Database:
-    def __init__(self, url: str):
+    """One engine per process; the schema brought to the newest migration on opening."""
+
+    def __init__(self, url: str, migrate: bool = True):
+        self.url = url
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             self.engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
             event.listen(self.engine, "connect", _sqlite_wal)
         else:
-            self.engine = create_engine(url, pool_pre_ping=True)
-        Base.metadata.create_all(self.engine)
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+        if migrate:
+            from chestdx.serve.migrate import upgrade
+
+            upgrade(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def server(self) -> str:
+        """Which database server, in words (for benchmark records and the health check)."""
+        name = self.engine.dialect.name
+        if name == "sqlite":
+            return "SQLite (WAL)"
+        with self.engine.connect() as conn:
+            version = conn.exec_driver_sql("SHOW server_version").scalar() if name == "postgresql" else "?"
+        return f"{'PostgreSQL' if name == 'postgresql' else name} {version}"
 
     def add(self, **fields) -> Study:
         study = Study(**fields)
@@ -65,9 +148,21 @@ class Database:
         with Session(self.engine) as session:
             return set(session.scalars(select(Study.id)))
 
+    def audit(self, actor: str, action: str, org_id: str | None = None, study_id: str | None = None,
+              detail: str | None = None) -> None:
+        with self.sessions.begin() as session:
+            session.add(AuditEntry(actor=actor, action=action, org_id=org_id, study_id=study_id,
+                                   detail=(detail or None) and detail[:256]))
+
+    def audit_log(self, limit: int = 100) -> list[AuditEntry]:
+        with Session(self.engine) as session:
+            return list(session.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)))
+
 
 def _sqlite_wal(connection, _record):
-    # Write-ahead logging lets readers and one writer work at once (several worker threads).
+    # Write-ahead logging lets readers and one writer work at once (several worker threads);
+    # foreign keys are off in SQLite unless asked for.
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()

@@ -2,8 +2,10 @@
 
 Every `*.pt` bundle and `*.onnx` export in the folder becomes one model named after its file.
 Inference runs through ONNX Runtime: an `.onnx` beside a bundle is used, a bundle without one
-is exported into a cache at start-up; PyTorch is the fallback when export fails. Heat maps
-need gradients, so they come from the PyTorch bundle where there is one.
+is exported into a cache at start-up; PyTorch is the fallback when export fails. Heat maps of a
+GAP + linear head (CAM, Grad-CAM, Grad-CAM++) come in closed form from the ONNX graph's feature
+maps (`chestdx.explain.closed_form`), with no backward pass and no lock; any other head's come
+from the PyTorch bundle, one at a time.
 """
 
 from __future__ import annotations
@@ -32,7 +34,34 @@ class ServedModel:
     files: list = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)  # CAM hooks are not thread-safe
 
-    def card(self) -> dict:
+    def closed_form(self, method: str) -> bool:
+        from chestdx.explain.closed_form import CLOSED_FORM_METHODS
+
+        return method in CLOSED_FORM_METHODS and getattr(self.predictor.model, "cam_spec", None) is not None
+
+    def heatmaps(self, method: str) -> bool:
+        return self.closed_form(method) or self.explainer is not None
+
+    def heatmap_backend(self, method: str) -> str:
+        return "closed form from the ONNX features" if self.closed_form(method) else "pytorch backward pass"
+
+    def heatmap_target(self, prediction):
+        """The verdict's class (at the operating threshold, not the argmax) where it names one score column."""
+        from chestdx.explain.core import column_names
+
+        names = [n.lower() for n in column_names(self.predictor.explain_heads)]
+        return prediction if isinstance(prediction, str) and prediction.lower() in names else "predicted"
+
+    def heatmap(self, x, method: str, target="predicted"):
+        """One image's (H, W) heat map in [0, 1] for `target`."""
+        if self.closed_form(method):
+            return self.predictor.model.explain(x, method, target).maps[0, 0]
+        from chestdx.explain import explain
+
+        with self.lock:
+            return explain(self.explainer.model, x, method, target, self.explainer.explain_heads).maps[0, 0]
+
+    def card(self, heatmap_method: str = "gradcam++") -> dict:
         b = self.predictor.bundle
         return {
             "name": self.name,
@@ -50,9 +79,19 @@ class ServedModel:
             "intended_use": INTENDED_USE.format(what=self._input_kind(), classes=" / ".join(b.get("classes") or [])),
             "input": "series" if self.predictor.sample == "sequence" else "image",
             "backend": self.predictor.backend,
-            "heatmaps": self.explainer is not None,
+            "heatmaps": self.heatmaps(heatmap_method),
+            "heatmap_method": heatmap_method,
+            "heatmap_backend": self.heatmap_backend(heatmap_method) if self.heatmaps(heatmap_method) else None,
         }
 
+    def check_input(self, image) -> None:
+        """Refuse, with an InputError, what is not an image this model reads (blank, a photograph, the
+        wrong modality, far from its training images) before it gets a probability."""
+        try:  # TEMP until input_check lands
+            from chestdx.data.input_check import check_input
+        except ImportError:
+            return
+        check_input(image, self.predictor.bundle.get("input_reference"), self.predictor.bundle.get("modality"))
 
     def _input_kind(self) -> str:
         modality = self.predictor.bundle.get("modality", "chest")
@@ -62,7 +101,8 @@ class ServedModel:
         return f"{modality} image"
 
 
-def load_models(folder, cache_dir) -> dict[str, ServedModel]:
+def load_models(folder, cache_dir, onnx_threads: int | None = 1) -> dict[str, ServedModel]:
+    """`onnx_threads`: per request; concurrent requests share the cores, so one each is fastest under load."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ChestDxError(f"{folder}: models folder not found")
@@ -70,20 +110,21 @@ def load_models(folder, cache_dir) -> dict[str, ServedModel]:
     for bundle in sorted(folder.glob("*.pt")):
         onnx = bundle.with_suffix(".onnx")
         torch_predictor = Predictor(bundle)
-        predictor = Predictor(onnx) if onnx.exists() else _exported(bundle, Path(cache_dir)) or torch_predictor
+        predictor = (Predictor(onnx, onnx_threads) if onnx.exists()
+                     else _exported(bundle, Path(cache_dir), onnx_threads) or torch_predictor)
         models[bundle.stem] = ServedModel(bundle.stem, predictor, torch_predictor, [bundle.name])
     from chestdx.export import part_files
 
     parts = {name for meta in folder.glob("*.json") for name in part_files(meta)}  # later graphs of a model in parts
     for onnx in sorted(folder.glob("*.onnx")):
         if onnx.stem not in models and onnx.name not in parts:
-            models[onnx.stem] = ServedModel(onnx.stem, Predictor(onnx), None, [onnx.name])
+            models[onnx.stem] = ServedModel(onnx.stem, Predictor(onnx, onnx_threads), None, [onnx.name])
     if not models:
         raise ChestDxError(f"{folder}: no models (*.pt bundles or *.onnx exports) found")
     return models
 
 
-def _exported(bundle: Path, cache_dir: Path) -> Predictor | None:
+def _exported(bundle: Path, cache_dir: Path, threads: int | None) -> Predictor | None:
     from chestdx.export import export_onnx
 
     digest = hashlib.sha256(bundle.read_bytes()).hexdigest()[:16]
@@ -91,7 +132,7 @@ def _exported(bundle: Path, cache_dir: Path) -> Predictor | None:
     try:
         if not target.exists():
             export_onnx(bundle, target)
-        return Predictor(target)
+        return Predictor(target, threads)
     except Exception as err:  # any exporter failure: serve with PyTorch rather than not at all
         log.warning("%s: ONNX export failed (%s); serving with PyTorch", bundle.name, err)
         return None
