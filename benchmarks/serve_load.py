@@ -49,6 +49,7 @@ def dicom_bytes(grey: np.ndarray) -> bytes:
     ds.Rows, ds.Columns = grey.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleIntercept, ds.RescaleSlope = -1350, 1  # stored values 0..1530 are HU -1350..180
     if grey.size:
         ds.PixelData = grey.astype(np.uint16).tobytes()
     out = io.BytesIO()
@@ -68,7 +69,7 @@ def payloads(n: int, bad_share: float, seed: int) -> list[tuple[str, bytes, bool
         data = Path(path).read_bytes()
         good.append((Path(path).name, data))
     grey = cv2.imdecode(np.frombuffer(good[0][1], np.uint8), cv2.IMREAD_GRAYSCALE)
-    good.append(("slice.dcm", dicom_bytes(grey.astype(np.uint16) * 16)))
+    good.append(("slice.dcm", dicom_bytes(grey.astype(np.uint16) * 6)))
     bad = [("notes.txt", b"not an image\n"), ("empty.png", b""), ("corrupt.png", good[0][1][:300]),
            ("truncated.jpg", b"\xff\xd8\xff\xe0" + b"\0" * 64), ("nopixels.dcm", dicom_bytes(np.zeros((0, 0)))),
            ("blank.png", cv2.imencode(".png", np.zeros((512, 512), np.uint16))[1].tobytes())]
@@ -178,9 +179,16 @@ def main() -> None:
             from chestdx.models.bundle import make_bundle, save_bundle
             from chestdx.train.config import load_config
 
-            save_bundle(make_bundle(LADNN(pretrained=None).eval(), load_config(ROOT / "configs" / "ladnn_covidct.yaml")),
-                        models / "ladnn.pt")
-            model_note = "untrained ladnn bundle (no checkpoint found; same network and input size)"
+            from chestdx.data.datasets import get_dataset
+            from chestdx.data.input_check import REFERENCE_KEY, fit_manifest_reference
+
+            bundle = make_bundle(LADNN(pretrained=None).eval(), load_config(ROOT / "configs" / "ladnn_covidct.yaml"))
+            # the input check of a trained bundle: covid-ct's training images
+            bundle[REFERENCE_KEY] = fit_manifest_reference(get_dataset("covid-ct").manifest(), modality="CT",
+                                                           hu_window=bundle["preprocess"].get("hu_window"))
+            save_bundle(bundle, models / "ladnn.pt")
+            model_note = ("untrained ladnn bundle (no checkpoint found; same network and input size, input "
+                          "reference of covid-ct's training images)")
         db_url = pg_url or f"sqlite:///{tmp / 'studies.db'}"
         db = Database(db_url)
         key, _ = Accounts(db).create_key("load-test", ["predict", "read"], name="serve_load")

@@ -185,6 +185,11 @@ def test_ct_dicom_takes_the_models_hu_window_not_the_files_voi(tmp_path, tiny_mo
 
     predictor = Predictor(tiny_models_dir / "ladnn-tiny.pt")
     assert predictor.hu_window == [-600, 1500]
+    # With texture: two flat regions alone are refused before the model as a posterised picture.
+    textured = hu + np.random.default_rng(0).normal(0, 40, hu.shape)
+    path = make_dicom(tmp_path / "t.dcm", np.clip(textured + 1024, 0, None).astype(np.uint16), intercept=-1024,
+                      window=(50, 350))
+    voi, lung = read_image(path), read_image(path, hu_window=(-600, 1500))
     from_file = predictor.predict_source(path)["probabilities"]["covid"]
     direct = predictor.predict_tensor(predictor.preprocess(lung.pixels))["diagnosis"][0]
     assert from_file == pytest.approx(float(direct), abs=1e-6)

@@ -8,6 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
+from skimage import data as skimage_data
 
 from chestdx.export import export_onnx
 from chestdx.inference import Predictor
@@ -71,7 +72,8 @@ def test_predict_matches_pytorch_and_is_recorded(service, ct_png, tiny_models_di
 
 def test_dicom_is_deidentified_before_storing(service, tmp_path, ct_png):
     grey = cv2.imdecode(np.frombuffer(ct_png, np.uint8), cv2.IMREAD_GRAYSCALE)
-    path = make_dicom(tmp_path / "patient.dcm", grey.astype(np.uint16) * 16)
+    # grey levels as HU around the lung window (-600 +- 750), so the model's window shows the image
+    path = make_dicom(tmp_path / "patient.dcm", grey.astype(np.uint16) * 6, intercept=-1350)
     res = service.post("/api/v1/predict", files={"file": ("Test_Patient.dcm", path.read_bytes())},
                        data={"heatmap": "false"})
     assert res.status_code == 200, res.text
@@ -107,6 +109,8 @@ def _dicom_without_pixels(tmp_path) -> bytes:
     ("corrupt_png", 422, "corrupt"),
     ("dicom_no_pixels", 422, "no pixel data"),
     ("empty", 400, "empty file"),
+    ("blank_16bit", 422, "not a chest image"),
+    ("photograph", 422, "not a chest image"),
     ("unknown_model", 404, "unknown model 'nope'"),
     ("no_file", 422, "file"),
 ])
@@ -119,6 +123,8 @@ def test_bad_input_gets_a_clear_4xx_and_the_service_keeps_serving(service, ct_pn
         "corrupt_png": ct_png[:200],
         "dicom_no_pixels": None,
         "empty": b"",
+        "blank_16bit": cv2.imencode(".png", np.zeros((512, 512), np.uint16))[1].tobytes(),
+        "photograph": cv2.imencode(".jpg", skimage_data.astronaut()[..., ::-1])[1].tobytes(),
     }
     data = {"model": "nope"} if case == "unknown_model" else {}
     if case == "no_file":

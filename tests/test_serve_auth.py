@@ -273,3 +273,47 @@ def test_no_auth_only_on_loopback(tmp_path):
 
     res = run(["serve", "--no-auth", "--host", "0.0.0.0", "--models", str(tmp_path)], tmp_path, check=False)
     assert res.returncode == 2 and "only with --host 127.0.0.1" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_nul_and_oversized_values_get_a_4xx_on_every_database(app):
+    c = client(app, "a")
+    assert c.get("/api/v1/studies/a%00b").status_code == 404
+    login = client(app).post("/api/v1/login", json={"username": "al\u0000ice", "password": "x"})
+    assert login.status_code == 422 and login.json()["error"]["status"] == 422
+    huge = client(app).post("/api/v1/login", json={"username": "alice", "password": "x" * 5000})
+    assert huge.status_code == 422
+
+
+def test_anonymous_post_is_refused_before_its_body_is_read():
+    async def inner(scope, receive, send):
+        raise AssertionError("the route ran")
+
+    async def receive():
+        raise AssertionError("the body was read")
+
+    status, body = _asgi(RequestGuard(inner, 2**20, 5, require_credentials=True), [], receive)
+    assert status == 401 and "authentication required" in body["error"]["message"]
+
+
+def test_a_trickling_body_is_cut_off_at_one_deadline():
+    async def reader(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+
+    async def trickle():
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    status, _ = _asgi(RequestGuard(reader, 2**20, 0.3, min_rate_bytes_s=1000), [], trickle)
+    assert status == 408  # each byte arrives well within 0.3 s, the body as a whole does not
+
+
+def test_without_auth_only_this_machine_is_served(tiny_models_dir, tmp_path):
+    app = create_app(ServiceSettings(models_dir=tiny_models_dir, db_url=f"sqlite:///{tmp_path / 'n.db'}",
+                                     cache_dir=tmp_path / "c", auth=False))
+    assert TestClient(app).get("/api/v1/models").status_code == 200
+    remote = TestClient(app, client=("10.1.2.3", 5000)).get("/api/v1/models")
+    assert remote.status_code == 403 and "this machine only" in remote.json()["error"]["message"]
+    cross = TestClient(app).post("/api/v1/predict", files={"file": ("x.png", b"x")},
+                                 headers={"Origin": "https://evil.example"})
+    assert cross.status_code == 403

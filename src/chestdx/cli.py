@@ -321,6 +321,10 @@ def serve(
     cors: List[str] = typer.Option([], "--cors-origin", help="a web origin allowed to call the API from a browser"),
     secure_cookies: bool = typer.Option(False, "--secure-cookies", help="mark the session cookie Secure even "
                                         "when requests reach the service over plain HTTP (TLS ends at a proxy)"),
+    public_origin: List[str] = typer.Option([], "--public-origin", help="the page's address as browsers see it "
+                                            "behind a proxy, e.g. https://chestdx.hospital.org (https: Secure cookie)"),
+    forwarded_allow_ips: Optional[str] = typer.Option(None, "--forwarded-allow-ips", help="proxies whose "
+                                                      "X-Forwarded-* headers are trusted (default 127.0.0.1)"),
 ):
     """Start the web page and REST API (OpenAPI docs at /docs, after logging in)."""
     import os
@@ -341,6 +345,7 @@ def serve(
     os.environ["CHESTDX_SERVE_AUTH"] = "0" if no_auth else "1"
     os.environ["CHESTDX_SERVE_CORS"] = ",".join(cors)
     os.environ["CHESTDX_SERVE_SECURE_COOKIES"] = "1" if secure_cookies else "0"
+    os.environ["CHESTDX_SERVE_PUBLIC_ORIGINS"] = ",".join(o.rstrip("/") for o in public_origin)
     from chestdx.serve.app import app_from_env, deid_key
 
     os.environ["CHESTDX_DEID_KEY"] = deid_key(home)  # one UID mapping for every worker
@@ -350,11 +355,12 @@ def serve(
         _first_admin(service.state.accounts)
     console.print(f"chestdx service: http://{host}:{port}/  (API docs: http://{host}:{port}/docs)")
     uvicorn.run("chestdx.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers,
-                log_level="warning", proxy_headers=True)
+                log_level="warning", proxy_headers=True, forwarded_allow_ips=forwarded_allow_ips)
 
 
 def _first_admin(accounts) -> None:
     """A service with no users gets one administrator, its password printed once, so the page can be used."""
+    import os
     import secrets
 
     if accounts.users():
@@ -367,8 +373,49 @@ def _first_admin(accounts) -> None:
     except (ChestDxError, IntegrityError):  # another process starting on the same database made it first
         return
     accounts.db.audit("cli", "user_added", detail="admin (default, admin): first start")
-    console.print(f"first start: created the user [bold]admin[/] with password [bold]{password}[/] "
-                  "(shown once; add users with `chestdx users add`)")
+    if sys.stdout.isatty():  # a person at a terminal reads it once; logs of a daemon must not keep it
+        console.print(f"first start: created the user [bold]admin[/] with password [bold]{password}[/] "
+                      "(shown once; add users with `chestdx users add`)", markup=True)
+        return
+    from chestdx.settings import home
+
+    path = home() / "first-admin-password"
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(password + "\n")
+    console.print(f"first start: created the user admin; its password is in {path} (readable by this user only)")
+
+
+@app.command("input-reference")
+def input_reference(
+    checkpoint: Path = typer.Argument(..., help="model bundle (.pt) to add the reference to"),
+    dataset: str = typer.Option(None, "--dataset", help="named dataset whose training split the model saw"),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="or a manifest CSV (its train split)"),
+    max_images: int = typer.Option(2000, "--max-images"),
+):
+    """Record the training images' statistics in a bundle, so that inputs far from them (a photograph,
+    another body part, a blank) are refused instead of diagnosed. Training does this itself."""
+    from chestdx.data.input_check import add_input_reference, fit_manifest_reference
+    from chestdx.inference import Predictor
+
+    if (dataset is None) == (manifest is None):
+        raise ChestDxError("give --dataset or --manifest (the model's training data)")
+    if manifest is not None:
+        from chestdx.data.manifest import Manifest
+
+        table = Manifest.from_csv(manifest)
+    else:
+        from chestdx.data.datasets import get_dataset
+
+        table = get_dataset(dataset).manifest()
+    predictor = Predictor(checkpoint)
+    if predictor.sample != "image":
+        raise ChestDxError(f"{checkpoint}: a {predictor.sample} model; the input check is for single images")
+    with console.status("reading the training images"):
+        reference = fit_manifest_reference(table, modality=predictor.modality, max_images=max_images,
+                                           hu_window=predictor.hu_window)
+    add_input_reference(checkpoint, reference=reference)
+    console.print(f"{checkpoint}: input reference of {reference.get('n_images', '?')} training images added "
+                  f"(distance limit {reference.get('limit', float('nan')):.2f})")
 
 
 @app.command()

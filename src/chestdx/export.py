@@ -38,7 +38,8 @@ from chestdx.utils import atomic_path, write_json_atomic
 log = logging.getLogger("chestdx.export")
 
 METADATA_KEYS = ("registry_name", "model_kwargs", "heads", "primary", "classes", "sample", "spatial_dims", "modality",
-                 "preprocess", "tta", "tta_scales", "thresholds", "validation", "data_fingerprint", "best_epoch")
+                 "preprocess", "tta", "tta_scales", "thresholds", "validation", "data_fingerprint", "best_epoch",
+                 "input_reference")
 ONNX_FORMAT = "chestdx-onnx-v2"
 
 

@@ -41,6 +41,8 @@ class Predictor:
                                                             spatial_dims=self.spatial_dims)
         self.thresholds = {h.name: thresholds(self.bundle, h) for h in self.heads}
         self.tta = bool(self.bundle.get("tta", False))
+        self.modality = self.bundle.get("modality")
+        self.input_reference = self.bundle.get("input_reference")  # training images' statistics, if recorded
         self.tta_scales = [float(s) for s in self.bundle.get("tta_scales", [1.0])]
 
     @property
@@ -63,20 +65,26 @@ class Predictor:
         return self.prepare(gray)[1]
 
     @torch.no_grad()
-    def predict_tensor(self, x: torch.Tensor, with_boxes: bool = False):
+    def predict_tensor(self, x: torch.Tensor, with_boxes: bool = False, features: bool = False):
         """x: a preprocessed batch. Returns numpy probabilities per head name: (B,) of the positive class
         for a binary head, (B, K) over the classes of a multi-class head, (B, L) for a multi-label head.
         `with_boxes`: also the model's attention crop boxes of the unmirrored view ((B, 4) x0, y0, x1, y1
-        on the model's grid; None for a model without them): returns (probabilities, boxes)."""
+        on the model's grid; None for a model without them): returns (probabilities, boxes).
+        `features` (an ONNX export with closed-form CAM): also the unmirrored view's outputs with its
+        feature maps, so its heat map needs no second pass: returns (probabilities, boxes, outputs)."""
         per_head = {h.name: [] for h in self.heads}
-        boxes = None
+        boxes = first = None
         for k, view in enumerate(tta_views(x, self.tta, self.tta_scales)):
-            out = self.model(view)
+            out = self.model(view, features=True) if features and k == 0 else self.model(view)
+            if features and k == 0:
+                first = out
             if k == 0 and "boxes" in out:
                 boxes = out["boxes"].numpy()
             for h in self.heads:
                 per_head[h.name].append(h.kind.probabilities(out[h.output]))
         probs = {name: torch.stack(p).mean(0).numpy() for name, p in per_head.items()}
+        if features:
+            return probs, boxes, first
         return (probs, boxes) if with_boxes else probs
 
     def predict_source(self, source, name: str | None = None) -> dict:
@@ -85,8 +93,16 @@ class Predictor:
         image = read_image(source, name=name, hu_window=self.hu_window)
         if image.meta.get("frames", 1) > 1:
             raise InputError(name or source, f"{image.meta['frames']}-frame DICOM given to a 2D model; send one slice")
+        self.check_input(image)
         out = self.predict_tensor(self.preprocess(image.to_gray()))
         return self.describe({k: v[0] for k, v in out.items()})
+
+    def check_input(self, image) -> None:
+        """Refuse (InputError) an image this model does not read: blank, a photograph, another modality,
+        or far from its training images (`chestdx.data.input_check`)."""
+        from chestdx.data.input_check import check_input
+
+        check_input(image, self.input_reference, self.modality)
 
     def read_series(self, source):
         """A series (DICOM folder, NIfTI file, slice folder) as the model's sequence: the drawn slices

@@ -80,7 +80,8 @@ def decode_dicom(data: bytes, label: str, max_pixels: int, hu_window=None) -> Lo
         raise InputError(label, f"corrupt DICOM pixel data (decoded {arr.shape}, the header declares {expected})")
     photometric = h["photometric"]
     meta = {"format": "dicom", "transfer_syntax": str(syntax), "photometric": photometric,
-            "modality": str(ds.get("Modality", "")), "bits": h["bits_stored"], "frames": h["frames"],
+            "modality": str(ds.get("Modality", "")), "body_part": str(ds.get("BodyPartExamined", "") or ""),
+            "bits": h["bits_stored"], "frames": h["frames"],
             "original_size": (h["cols"], h["rows"])}
     if photometric.startswith("MONOCHROME"):
         pixels, meta["window"] = _dicom_grey(ds, arr, photometric, label, hu_window)

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -23,7 +24,8 @@ from fastapi import Depends, FastAPI, File, Form, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+from sqlalchemy.exc import DataError, DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chestdx.data.io import MAX_PIXELS, decode_image
@@ -39,6 +41,8 @@ from chestdx.serve.series import is_series_upload, unpacked_series
 log = logging.getLogger("chestdx.serve")
 API = "/api/v1"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+# "testclient" is the peer name of Starlette's in-process test client (never a network address).
+LOOPBACK = ("127.0.0.1", "::1", "localhost", "testclient")
 STATIC = {"app.js": "text/javascript", "app.css": "text/css"}
 
 
@@ -59,6 +63,7 @@ class ServiceSettings:
     auth: bool = True  # off only for a service bound to loopback (`chestdx serve --no-auth`)
     cors_origins: tuple = field(default_factory=tuple)  # none: browsers on other sites cannot read answers
     secure_cookies: bool = False  # also set Secure when the service itself is not behind https
+    public_origins: tuple = field(default_factory=tuple)  # the page's origin(s) as browsers see them behind a proxy
 
     @property
     def max_bytes(self) -> int:
@@ -71,8 +76,8 @@ class ServiceError(Exception):
 
 
 class LoginForm(BaseModel):
-    username: str
-    password: str
+    username: str = Field(max_length=128, pattern=r"^[^\x00-\x1f]+$")
+    password: str = Field(max_length=1024)
 
 
 def _input_status(err: InputError) -> int:
@@ -99,7 +104,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                   "images. Research use only, not for diagnosis.", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.models, app.state.db, app.state.settings, app.state.accounts = models, db, settings, accounts
     app.add_middleware(RequestGuard, max_body_bytes=int(settings.max_request_mb * 2**20),
-                       body_timeout_s=settings.body_timeout_s)
+                       body_timeout_s=settings.body_timeout_s, require_credentials=settings.auth)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -124,6 +129,13 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                        "are longer than the parser accepts")
         return _error(exc.status_code, message, headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(DBAPIError)
+    async def database_refused(_request: Request, exc: DBAPIError):  # e.g. text PostgreSQL cannot store
+        if isinstance(exc, DataError):
+            return _error(400, "a value in the request cannot be stored (e.g. a NUL character)")
+        log.error("database error: %s", type(exc.orig).__name__)
+        return _error(503, "the database is not answering; try again")
+
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, exc: Exception):  # a bug: logged, answered in the one schema
         log.exception("unexpected error")
@@ -132,6 +144,11 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     # who is asking ------------------------------------------------------------------------------
     def caller(request: Request) -> Principal:
         if not settings.auth:
+            # No accounts: only this machine may ask, and no web page elsewhere through its browser.
+            if (request.client.host if request.client else "") not in LOOPBACK:
+                raise ServiceError(403, "this service runs without authentication and answers this machine only")
+            if request.method not in SAFE_METHODS:
+                _same_origin(request)
             return LOCAL
         key = request.headers.get("x-api-key") or _bearer(request.headers.get("authorization", ""))
         if key:
@@ -156,7 +173,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     def _same_origin(request: Request) -> None:
         origin = request.headers.get("origin")
-        if origin and origin != f"{request.url.scheme}://{request.url.netloc}" and origin not in settings.cors_origins:
+        allowed = (f"{request.url.scheme}://{request.url.netloc}", *settings.public_origins, *settings.cors_origins)
+        if origin and origin not in allowed:
             raise ServiceError(403, f"cross-site request from {origin[:100]} refused")
 
     def needs(scope: str):
@@ -169,7 +187,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     def pick(name: Optional[str]) -> ServedModel:
         name = name or default_model
         if name not in models:
-            raise ServiceError(404, f"unknown model {name!r}; available: {', '.join(sorted(models))}")
+            raise ServiceError(404, f"unknown model {name[:100]!r}; available: {', '.join(sorted(models))}")
         return models[name]
 
     def read_upload(upload: UploadFile) -> bytes:
@@ -191,13 +209,17 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                 image = decode_image(data, name, max_pixels=settings.max_pixels, hu_window=predictor.hu_window)
                 if image.meta.get("frames", 1) > 1:
                     raise InputError(name, f"{image.meta['frames']}-frame DICOM; send one slice")
-                served.check_input(image)
+                predictor.check_input(image)  # not a chest image: no diagnosis
             except InputError as err:
                 raise ServiceError(_input_status(err), err.reason, name) from None
             t_decode = time.perf_counter()
             shown, x = predictor.prepare(image.to_gray())
+            meta = image.meta
+            del image  # the full-size pixels live only inside the slot: that is what bounds the memory
         t_pre = time.perf_counter()
-        out, boxes = predictor.predict_tensor(x, with_boxes=True)
+        one_pass = heatmap and served.closed_form(settings.heatmap_method)
+        out, boxes, *first = predictor.predict_tensor(x, with_boxes=True, features=one_pass)
+        first_view = first[0] if first else None
         verdict = predictor.describe({name: p[0] for name, p in out.items()})
         t_inf = time.perf_counter()
         result = {"model": served.name, **verdict}
@@ -208,7 +230,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                                   "grid": list(shown.shape[:2])}
         if heatmap and served.heatmaps(settings.heatmap_method):
             target = served.heatmap_target(verdict["prediction"])
-            heat = served.heatmap(x, settings.heatmap_method, target)
+            heat = served.heatmap(x, settings.heatmap_method, target, first_view)
             result["heatmap"] = {"method": settings.heatmap_method, "target": _as_text(verdict["prediction"]),
                                  "computed": served.heatmap_backend(settings.heatmap_method),
                                  **_heatmap_pngs(shown, heat, crop)}
@@ -217,13 +239,13 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             ("decode", t_decode - started), ("preprocess", t_pre - t_decode), ("inference", t_inf - t_pre),
             ("heatmap", t_heat - t_inf), ("total", t_heat - started))}
         result["backend"] = predictor.backend
-        meta = {k: image.meta.get(k) for k in ("format", "modality", "photometric", "original_size", "window")
-                if k in image.meta}
+        fmt = meta["format"]
+        meta = {k: meta.get(k) for k in ("format", "modality", "photometric", "original_size", "window") if k in meta}
         try:
-            stored = _stored_image(data, image.meta["format"]) if settings.store_images else (None, None)
+            stored = _stored_image(data, fmt) if settings.store_images else (None, None)
         except InputError as err:
             raise ServiceError(422, f"cannot be de-identified for storing: {err.reason}", name) from None
-        return record(served, principal, data, image.meta["format"], verdict, result, {"image": meta},
+        return record(served, principal, data, fmt, verdict, result, {"image": meta},
                       image=stored[0], image_media_type=stored[1])
 
     def record(served: ServedModel, principal: Principal, data: bytes, input_format: str, verdict: dict,
@@ -272,7 +294,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         return "|".join(prediction) if isinstance(prediction, list) else prediction
 
     # routes -------------------------------------------------------------------------------------
-    @app.get("/healthz", tags=["service"])
+    @app.api_route("/healthz", methods=["GET", "HEAD"], tags=["service"])
     def healthz():
         with db.engine.connect() as conn:  # proves the database answers
             conn.exec_driver_sql("SELECT 1")
@@ -288,7 +310,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             raise ServiceError(401, "wrong user name or password")
         token, csrf, user = found
         response.set_cookie(SESSION_COOKIE, token, max_age=SESSION_HOURS * 3600, httponly=True, samesite="strict",
-                            secure=settings.secure_cookies or request.url.scheme == "https", path="/")
+                            secure=settings.secure_cookies or request.url.scheme == "https"
+                            or any(o.startswith("https://") for o in settings.public_origins), path="/")
         db.audit(f"user:{user.username}", "login", user.org_id)
         return {"user": user.username, "admin": user.is_admin, "csrf_token": csrf}
 
@@ -297,7 +320,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         token = request.cookies.get(SESSION_COOKIE)
         if token:
             accounts.logout(token)
-        response.delete_cookie(SESSION_COOKIE, path="/")
+        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
         db.audit(principal.actor, "logout", principal.org_id)
         return {"status": "logged out"}
 
@@ -341,7 +364,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     @app.get(f"{API}/studies/{{study_id}}", tags=["studies"])
     def get_study(study_id: str, principal: Principal = Depends(needs("read"))):
         """One stored study: readable by its creator's organisation and by administrators."""
-        study = db.get(study_id[:64])
+        study = db.get(study_id) if _is_uuid(study_id) else None
         if study is None or not (principal.is_admin or study.org_id == principal.org_id):
             if study is not None:
                 db.audit(principal.actor, "read_denied", principal.org_id, study.id)
@@ -370,6 +393,13 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                         media_type=STATIC[name])
 
     return app
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
 
 
 def _bearer(header: str) -> str | None:
@@ -436,6 +466,7 @@ def app_from_env() -> FastAPI:
         auth=env("CHESTDX_SERVE_AUTH", "1") != "0",
         cors_origins=tuple(o for o in env("CHESTDX_SERVE_CORS", "").split(",") if o),
         secure_cookies=env("CHESTDX_SERVE_SECURE_COOKIES") == "1",
+        public_origins=tuple(o for o in env("CHESTDX_SERVE_PUBLIC_ORIGINS", "").split(",") if o),
     ))
 
 
@@ -451,8 +482,8 @@ def deid_key(home: Path) -> str:
     if not path.exists():
         home.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(secrets.token_hex(32))
-        tmp.chmod(0o600)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:  # never world-readable
+            f.write(secrets.token_hex(32))
         try:
             os.link(tmp, path)  # atomic and never overwrites: two processes starting at once agree
         except FileExistsError:

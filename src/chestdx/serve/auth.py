@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -29,7 +30,8 @@ SCOPES = ("predict", "read", "admin")
 KEY_PREFIX = "cdx_"
 SESSION_COOKIE = "chestdx_session"
 SESSION_HOURS = 12
-_hasher = PasswordHasher()  # argon2id with the library's recommended parameters
+_hasher = PasswordHasher()  # argon2id with the library's recommended parameters (64 MiB each)
+_verifying = threading.BoundedSemaphore(4)  # logins at once: bounds their memory and keeps threads for the rest
 # Verified against when the user does not exist, so a login takes as long either way.
 _DUMMY_HASH = _hasher.hash("not a password")
 
@@ -150,7 +152,8 @@ class Accounts:
         with self.db.sessions() as session:
             user = session.scalar(select(User).where(User.username == username))
         try:
-            ok = _hasher.verify(user.password_hash if user else _DUMMY_HASH, password) and user is not None
+            with _verifying:
+                ok = _hasher.verify(user.password_hash if user else _DUMMY_HASH, password) and user is not None
         except (VerificationError, InvalidHashError):
             ok = False
         if not ok or not user.active:

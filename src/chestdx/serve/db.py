@@ -114,10 +114,12 @@ class Database:
         self.url = url
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self.engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+            self.engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                                        hide_parameters=True)
             event.listen(self.engine, "connect", _sqlite_wal)
         else:
-            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+            # hide_parameters: a failed statement's log line must not carry tokens or results
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, hide_parameters=True)
         if migrate:
             from chestdx.serve.migrate import upgrade
 

@@ -8,6 +8,7 @@ revision and upgraded from there.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
@@ -36,6 +37,26 @@ def current(engine) -> str | None:
 
 
 def upgrade(engine, revision: str = "head") -> None:
+    if engine.dialect.name == "sqlite" and engine.url.database:
+        with _file_lock(Path(engine.url.database).with_suffix(".migrate.lock")):
+            return _upgrade(engine, revision)
+    return _upgrade(engine, revision)
+
+
+@contextmanager
+def _file_lock(path: Path):
+    """SQLite runs DDL outside a transaction: processes opening one file at once migrate in turn."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _upgrade(engine, revision: str) -> None:
     cfg = alembic_config()
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":

@@ -52,10 +52,16 @@ class ServedModel:
         names = [n.lower() for n in column_names(self.predictor.explain_heads)]
         return prediction if isinstance(prediction, str) and prediction.lower() in names else "predicted"
 
-    def heatmap(self, x, method: str, target="predicted"):
-        """One image's (H, W) heat map in [0, 1] for `target`."""
+    def heatmap(self, x, method: str, target="predicted", outputs: dict | None = None):
+        """One image's (H, W) heat map in [0, 1] for `target`; `outputs`: the ONNX pass that predicted it,
+        feature maps included (closed form only), so no second pass is needed."""
         if self.closed_form(method):
-            return self.predictor.model.explain(x, method, target).maps[0, 0]
+            if outputs is None:
+                return self.predictor.model.explain(x, method, target).maps[0, 0]
+            from chestdx.explain.closed_form import explain_outputs
+
+            return explain_outputs(outputs, self.predictor.model.cam_spec, method, target,
+                                   input_hw=x.shape[2:]).maps[0, 0]
         from chestdx.explain import explain
 
         with self.lock:
@@ -83,15 +89,6 @@ class ServedModel:
             "heatmap_method": heatmap_method,
             "heatmap_backend": self.heatmap_backend(heatmap_method) if self.heatmaps(heatmap_method) else None,
         }
-
-    def check_input(self, image) -> None:
-        """Refuse, with an InputError, what is not an image this model reads (blank, a photograph, the
-        wrong modality, far from its training images) before it gets a probability."""
-        try:  # TEMP until input_check lands
-            from chestdx.data.input_check import check_input
-        except ImportError:
-            return
-        check_input(image, self.predictor.bundle.get("input_reference"), self.predictor.bundle.get("modality"))
 
     def _input_kind(self) -> str:
         modality = self.predictor.bundle.get("modality", "chest")

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
+
+log = logging.getLogger("chestdx.serve")
 
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
             "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
@@ -29,8 +33,11 @@ def error_body(status: int, message: str, file: str | None = None) -> bytes:
 class RequestGuard:
     """Body size limit, body timeout and security headers for every HTTP request."""
 
-    def __init__(self, app, max_body_bytes: int, body_timeout_s: float):
+    def __init__(self, app, max_body_bytes: int, body_timeout_s: float, require_credentials: bool = False,
+                 min_rate_bytes_s: float = 50_000):
         self.app, self.max_body, self.timeout = app, max_body_bytes, body_timeout_s
+        self.require_credentials = require_credentials
+        self.min_rate = min_rate_bytes_s  # a body slower than this (after the first timeout) is cut off
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -49,24 +56,37 @@ class RequestGuard:
                                     *HEADERS, *extra]})
             await send({"type": "http.response.body", "body": error_body(status, message)})
 
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        method = scope.get("method", "GET")
+        # A post without any credential is refused before its body is read: anonymous clients cannot
+        # make the service spool uploads (the route checks the credential itself).
+        if (self.require_credentials and method not in ("GET", "HEAD", "OPTIONS") and path != "/api/v1/login"
+                and not (headers.get(b"x-api-key") or headers.get(b"authorization")
+                         or b"chestdx_session=" in headers.get(b"cookie", b""))):
+            return await send_error(401, "authentication required: an API key (X-API-Key header or "
+                                         "Authorization: Bearer) or a login session")
+        declared = headers.get(b"content-length")
         if declared is not None:
-            try:
-                length = int(declared)
-            except ValueError:
+            if not declared.strip().isdigit():
                 return await send_error(400, "the Content-Length header is not a number")
+            length = int(declared)
             if length > self.max_body:
                 return await send_error(413, f"the request body ({length / 2**20:.0f} MB) is larger than the "
                                              f"{self.max_body / 2**20:.0f} MB limit")
         failure: dict = {}
         received = 0
+        started_at = time.monotonic()
 
         async def guarded_receive():
             nonlocal received
+            # One deadline for the whole body, growing with what has arrived at the minimum rate: a
+            # client trickling a byte at a time cannot hold a connection for ever.
+            deadline = started_at + self.timeout + received / self.min_rate
             try:
-                message = await asyncio.wait_for(receive(), self.timeout)
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                failure["error"] = (408, f"the request body did not arrive within {self.timeout:g} s")
+                failure["error"] = (408, f"the request body did not arrive in time ({self.timeout:g} s, then at "
+                                         f"least {self.min_rate / 1000:g} kB/s)")
                 raise _BodyRefused from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -96,6 +116,11 @@ class RequestGuard:
             if not started:
                 started = True
                 await send_error(*failure["error"])
+        except Exception:  # a bug: answered here, inside, so the 500 carries the same headers
+            log.exception("unexpected error")
+            if not started:
+                started = True
+                await send_error(500, "internal error; the request was not processed")
 
 
 class _BodyRefused(Exception):

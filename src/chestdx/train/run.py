@@ -182,7 +182,7 @@ def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None,
                                          module.monitor.name)
         bundle = make_bundle(module.model, cfg, data_fingerprint=data["fingerprint"], validation=val_metrics,
                              best_epoch=_best_epoch(state), seconds_per_epoch=seconds / epochs_run)
-        write_bundle(bundle, val_metrics, run_dir)
+        write_bundle(bundle, val_metrics, run_dir, data["train"])
     # Every DDP rank waits for the bundle, then goes on together (the next ensemble member, stage or fold:
     # a later Trainer in these processes joins the same process group).
     trainer.strategy.barrier()
@@ -239,13 +239,24 @@ def _fit_ensemble(cfg: dict, run_dir: Path, progress: bool, manifest=None) -> Pa
                          seconds_per_epoch=float(np.mean([s["seconds_per_epoch"] for s in summaries])),
                          members=[{"seed": s["config"]["train"]["seed"], "validation": s["validation"]}
                                   for s in summaries])
-    return write_bundle(bundle, val_metrics, run_dir)
+    return write_bundle(bundle, val_metrics, run_dir, data["train"])
 
 
-def write_bundle(bundle: dict, val_metrics: dict, run_dir: Path) -> Path:
+MIN_REFERENCE_IMAGES = 200  # fewer training images give a reference that refuses good images at random
+
+
+def write_bundle(bundle: dict, val_metrics: dict, run_dir: Path, train_set=None) -> Path:
     """`model.pt` with the operating thresholds chosen on validation (Youden's J per binary or
-    multi-label head), and its summary without the weights."""
+    multi-label head), the input reference of its training images (what `check_input` compares a
+    new image with before it gets a probability), and its summary without the weights."""
     bundle["thresholds"] = val_metrics.get("thresholds", {})
+    manifest = getattr(train_set, "manifest", None)
+    if bundle.get("sample", "image") == "image" and manifest is not None and len(manifest) >= MIN_REFERENCE_IMAGES:
+        from chestdx.data.input_check import REFERENCE_KEY, fit_manifest_reference
+
+        bundle[REFERENCE_KEY] = fit_manifest_reference(manifest, modality=bundle.get("modality"), split=None,
+                                                       max_images=2000,
+                                                       hu_window=bundle["preprocess"].get("hu_window"))
     path = save_bundle(bundle, run_dir / "model.pt")
     write_json_atomic(run_dir / "train_summary.json", {k: v for k, v in bundle.items() if k != "state_dict"})
     return path

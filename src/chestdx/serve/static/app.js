@@ -112,6 +112,7 @@ async function send(files) {
     try {
       const res = await fetch(`${API}/predict`, { method: "POST", body: form, headers: postHeaders() });
       if (res.status === 401) { showLogin("Your session has ended; log in again."); return; }
+      if (res.status === 403 && csrf) await start();  // a login in another tab renewed the session
       showResult(file, await res.json(), res.ok);
     } catch (err) {
       showResult(file, { error: { message: String(err) } }, false);
@@ -170,7 +171,11 @@ $("login-form").addEventListener("submit", async (e) => {
   const res = await fetch(`${API}/login`, { method: "POST", headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ username: $("username").value, password: $("password").value }) });
   $("password").value = "";
-  if (!res.ok) { showLogin((await res.json()).error.message); return; }
+  if (!res.ok) {  // a proxy's own error page is not JSON
+    const body = await res.json().catch(() => null);
+    showLogin(body && body.error ? body.error.message : `login failed (HTTP ${res.status})`);
+    return;
+  }
   await start();
 });
 
