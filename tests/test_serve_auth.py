@@ -317,3 +317,8 @@ def test_without_auth_only_this_machine_is_served(tiny_models_dir, tmp_path):
     cross = TestClient(app).post("/api/v1/predict", files={"file": ("x.png", b"x")},
                                  headers={"Origin": "https://evil.example"})
     assert cross.status_code == 403
+
+
+def test_health_answers_head_and_get_without_a_key(app):
+    anon = client(app)
+    assert anon.head("/healthz").status_code == 200 and anon.get("/healthz").json()["status"] == "ok"

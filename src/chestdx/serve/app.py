@@ -294,7 +294,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         return "|".join(prediction) if isinstance(prediction, list) else prediction
 
     # routes -------------------------------------------------------------------------------------
-    @app.api_route("/healthz", methods=["GET", "HEAD"], tags=["service"])
+    @app.head("/healthz", include_in_schema=False)  # load balancers that probe with HEAD
+    @app.get("/healthz", tags=["service"])
     def healthz():
         with db.engine.connect() as conn:  # proves the database answers
             conn.exec_driver_sql("SELECT 1")
