@@ -29,7 +29,7 @@ from sqlalchemy.exc import DataError, DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chestdx.data.io import MAX_PIXELS, decode_image
-from chestdx.errors import InputError
+from chestdx.errors import InputError, printable
 from chestdx.explain.render import draw_box, overlay_rgb
 from chestdx.serve.auth import LOCAL, SESSION_COOKIE, SESSION_HOURS, Accounts, Principal, same_token
 from chestdx.serve.db import Database
@@ -411,8 +411,7 @@ def _bearer(header: str) -> str | None:
 def _client_name(upload: UploadFile) -> str:
     """The client's file name, only for messages: its last path part, printable, at most 120 characters."""
     name = (upload.filename or "upload").replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(ch for ch in name if ch.isprintable()) or "upload"
-    return name if len(name) <= 120 else name[:100] + "..." + name[-17:]
+    return printable(name, 120) or "upload"
 
 
 def _png_b64(rgb_or_rgba: np.ndarray) -> str:
