@@ -23,6 +23,16 @@ def covid_ct_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def covid_ct_md_dir() -> Path:
+    return _real_dataset("covid-ct-md")
+
+
+@pytest.fixture(scope="session")
+def infnet_volumes_dir() -> Path:
+    return _real_dataset("infnet-ct-volumes")
+
+
+@pytest.fixture(scope="session")
 def pydicom_data_dir() -> Path:
     import data_store
 

@@ -118,7 +118,7 @@ def test_values_of_the_right_type_are_accepted():
     (["train.epochs=true"], "config: train.epochs must be an integer >= 1, got True"),
     (["train.epochs=2.5"], "config: train.epochs must be an integer >= 1, got 2.5"),
     (["data.cache=ram"], "config: data.cache must be one of memory, disk, none, got 'ram'"),
-    (["train.optimizer=adam"], "config: train.optimizer must be one of adamw, sgd, got 'adam'"),
+    (["train.optimizer=adagrad"], "config: train.optimizer must be one of adamw, adam, sgd, got 'adagrad'"),
     (["preprocess.resize=crop"], "config: preprocess.resize must be one of pad, stretch, got 'crop'"),
     (["train.limit_per_split=8"],
      "config: train.limit_per_split (8) is below train.batch_size (32): no full training batch"),

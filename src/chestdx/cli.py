@@ -121,33 +121,28 @@ def predict(
     checkpoint: Path = typer.Option(None, "--checkpoint", help="model bundle (default: the installed model)"),
     out: Optional[Path] = typer.Option(None, "--out", help="write .csv or .json here instead of printing"),
     montage: Optional[Path] = typer.Option(None, "--montage",
-                                           help="sequence models: write each series' weighted attention montage here"),
+                                           help="sequence and 3D models: write each series' attention montage here "
+                                                "(3D: T(A) and Grad-CAM as NIfTI and axial/coronal PNG montages)"),
 ):
-    """Predict class (and lesion) probabilities for image files, or per series for a sequence model
+    """Predict class (and lesion) probabilities for image files, or per series for a sequence or 3D model
     (each input one series: a DICOM folder, a NIfTI file or a folder of slice images)."""
-    from chestdx.inference import Predictor, expand_inputs
+    from chestdx.inference import Predictor, expand_inputs, series_source
 
     predictor = Predictor(checkpoint or _default_model())
-    series = predictor.sample == "sequence"
+    series = predictor.takes_series
     if montage and not series:
-        raise ChestDxError("--montage is for sequence models (att2_bilstm); use chestdx explain for images")
+        raise ChestDxError("--montage is for sequence and 3D models; use chestdx explain for images")
     files = expand_inputs(inputs, series=series)
     if not files:
         raise ChestDxError("no image files found in the given inputs")
     rows, failed, names = [], 0, set()
     for path in files:
         try:
-            if montage:
-                from chestdx.explain.sequence import write_series_montage
-
-                result, shown, x = predictor.predict_series(path)
-                name = _safe_stem(path)
-                name = name if name not in names else f"{name}-{len(names)}"  # two series folders of one name
-                names.add(name)
-                result["montage"] = str(write_series_montage(predictor, result, shown, x, montage / f"{name}.png"))
-                rows.append({"path": str(path), **result})
-                continue
-            rows.append({"path": str(path), **predictor.predict_source(path)})
+            if series:
+                with series_source(path) as source:
+                    rows.append({"path": str(path), **_predict_series(predictor, source, path, montage, names)})
+            else:
+                rows.append({"path": str(path), **predictor.predict_source(path)})
         except ChestDxError as err:
             failed += 1
             err_console.print(f"error: {err}", highlight=False, markup=False, soft_wrap=True)
@@ -160,9 +155,30 @@ def predict(
         raise typer.Exit(code=2)
 
 
+def _predict_series(predictor, source: Path, path: Path, montage: Path | None, names: set) -> dict:
+    """One series' row; with `montage`, its explanations written under a name from `path`."""
+    if not montage:
+        return predictor.predict_source(source)
+    name = _safe_stem(path)
+    name = name if name not in names else f"{name}-{len(names)}"  # two series folders of one name
+    names.add(name)
+    if predictor.sample == "volume":
+        from chestdx.explain.volume import explain_volume
+
+        return explain_volume(predictor, source, montage, name)
+    from chestdx.explain.sequence import write_series_montage
+
+    result, shown, x = predictor.predict_series(source)
+    result["montage"] = str(write_series_montage(predictor, result, shown, x, montage / f"{name}.png"))
+    return result
+
+
 def _safe_stem(path: Path) -> str:
     name = path.name[:-7] if path.name.endswith(".nii.gz") else path.stem
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "series"
+
+
+VOLUME_FIELDS = ("infection_ratio", "infection_ratio_source", "attention_in_lungs")
 
 
 def _write_predictions(rows, out: Path):
@@ -180,8 +196,11 @@ def _write_predictions(rows, out: Path):
                 "threshold": r["threshold"] if not isinstance(r["threshold"], dict) else None}
         item.update({f"p_{k}": v for k, v in r["probabilities"].items()})
         for key, value in r.items():  # the other heads' probabilities (e.g. LA-DNN's lesions)
-            if key not in ("path", "probabilities", "prediction", "threshold") and isinstance(value, dict):
+            if key not in ("path", "probabilities", "prediction", "threshold", "explanations") and isinstance(value, dict):
                 item.update({f"p_{k}": v for k, v in value.items()})
+        for key in VOLUME_FIELDS:  # a 3D model's infection ratio and attention inside the lungs
+            if key in r:
+                item[key] = r[key]
         flat.append(item)
     write_text_atomic(out, pd.DataFrame(flat).to_csv(index=False, float_format="%.5f"))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from chestdx.models.bundle import load_bundle, primary_head, thresholds
 from chestdx.tasks import heads_from
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""}
+MAX_LOCAL_ZIP_BYTES = 8 * 2**30  # a zipped series on the user's own disk: unpacked size limit
 
 
 class Predictor:
@@ -44,6 +46,11 @@ class Predictor:
         self.modality = self.bundle.get("modality")
         self.input_reference = self.bundle.get("input_reference")  # training images' statistics, if recorded
         self.tta_scales = [float(s) for s in self.bundle.get("tta_scales", [1.0])]
+
+    @property
+    def takes_series(self) -> bool:
+        """True for a model whose input is a whole series (a slice sequence or a 3D volume)."""
+        return self.sample in ("sequence", "volume")
 
     @property
     def explain_heads(self) -> list:
@@ -90,6 +97,8 @@ class Predictor:
     def predict_source(self, source, name: str | None = None) -> dict:
         if self.sample == "sequence":
             return self.predict_series(source)[0]
+        if self.sample == "volume":
+            return self.predict_volume(source)[0]
         image = read_image(source, name=name, hu_window=self.hu_window)
         if image.meta.get("frames", 1) > 1:
             raise InputError(name or source, f"{image.meta['frames']}-frame DICOM given to a 2D model; send one slice")
@@ -114,15 +123,19 @@ class Predictor:
         x = self.sample_steps({"image": shown})["image"]
         return seq, shown, torch.from_numpy(np.ascontiguousarray(x))[None]
 
-    def predict_series(self, source) -> tuple[dict, np.ndarray, torch.Tensor]:
-        """One series' verdict with the sequence attention per drawn slice (`slices`: index in the
-        series sorted along its axis, file, attention), the slices shown and the model input."""
-        seq, shown, x = self.read_series(source)
+    def _verdict(self, x: torch.Tensor) -> tuple[dict, dict]:
+        """The model's outputs on one input, and the verdict from them (with TTA where the bundle asks)."""
         with torch.no_grad():
             out = self.model(x)
         probs = self.predict_tensor(x) if self.tta else \
             {h.name: h.kind.probabilities(out[h.output]).numpy() for h in self.heads}
-        result = self.describe({k: v[0] for k, v in probs.items()})
+        return out, self.describe({k: v[0] for k, v in probs.items()})
+
+    def predict_series(self, source) -> tuple[dict, np.ndarray, torch.Tensor]:
+        """One series' verdict with the sequence attention per drawn slice (`slices`: index in the
+        series sorted along its axis, file, attention), the slices shown and the model input."""
+        seq, shown, x = self.read_series(source)
+        out, result = self._verdict(x)
         attention = out.get("slice_attention")
         files = seq.meta.get("files") or [None] * seq.n_slices
         result["slices"] = []
@@ -132,6 +145,38 @@ class Predictor:
                 entry["attention"] = float(attention[0, k])
             result["slices"].append(entry)
         return result, shown, x
+
+    def read_volume(self, source):
+        """A volume (DICOM series folder, NIfTI file, slice folder) as the 3D model's input: the volume
+        on the model's grid in [0, 1] (D, H, W), for overlays, the input (1, 1, D, H, W), and the model
+        grid's index -> world affine (for NIfTI heat maps in the patient's coordinates)."""
+        from chestdx.data.dataset import model_grid_affine, reader_for
+
+        pre = self.bundle["preprocess"]
+        loaded, vol = reader_for("volume", pre).read(source)
+        shown = self.load_steps({"image": loaded})["image"]
+        x = self.sample_steps({"image": shown})["image"]
+        affine = model_grid_affine(vol.affine, vol.array.shape, vol.spacing, pre)
+        return shown[0], torch.from_numpy(np.ascontiguousarray(x))[None], affine
+
+    def predict_volume(self, source) -> tuple[dict, np.ndarray, dict]:
+        """One volume's verdict, the volume as the model saw it (D, H, W) and the model's outputs (numpy,
+        batch axis dropped: `attention` T(A) on the model's grid, and for the dual-sampling ensemble the
+        infection ratio it weighed the two models by; `grid_affine` the grid's index -> world affine).
+        The verdict adds `infection_ratio` (with `infection_ratio_source`) where the model gives one, and
+        `attention_in_lungs`: the share of the attention inside the lungs (the input is masked to them)."""
+        shown, x, affine = self.read_volume(source)
+        out, result = self._verdict(x)
+        out = {k: np.asarray(v)[0] for k, v in out.items()}
+        out["grid_affine"] = affine
+        if "infection_ratio" in out:
+            result["infection_ratio"] = float(out["infection_ratio"])
+            result["infection_ratio_source"] = "attention" if float(out.get("ratio_from_attention", 1)) else "given"
+        if "attention" in out:
+            attention = out["attention"][0]
+            total = float(attention.sum())
+            result["attention_in_lungs"] = float(attention[shown > 0].sum() / total) if total > 0 else None
+        return result, shown, out
 
     def describe(self, probs: dict) -> dict:
         """One image's head probabilities as a verdict: the primary head's probabilities and decision
@@ -158,9 +203,23 @@ class Predictor:
         return result
 
 
+@contextmanager
+def series_source(path):
+    """A series as a path the volume readers take: a .zip of the series' files is unpacked to a
+    temporary folder (removed afterwards) with the service's checks; anything else is as given."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".zip":
+        from chestdx.serve.series import unpacked_series
+
+        with unpacked_series(path.read_bytes(), str(path), max_bytes=MAX_LOCAL_ZIP_BYTES) as inner:
+            yield inner
+    else:
+        yield path
+
+
 def expand_inputs(inputs, series: bool = False) -> list[Path]:
     """Files as given; folders expanded to the image files inside them (sorted). With `series` (a
-    sequence model), each input is one series as it is: a folder or a NIfTI file."""
+    sequence or 3D model), each input is one series as it is: a folder, a NIfTI file or a zip."""
     if series:
         return [Path(item) for item in inputs]
     files = []

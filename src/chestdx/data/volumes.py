@@ -397,6 +397,33 @@ def _nifti_mask(path: Path, shape: tuple, affine: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rounded.transpose(2, 1, 0), dtype=np.uint8)
 
 
+def write_nifti(array: np.ndarray, affine: np.ndarray, path, dtype=np.float32) -> Path:
+    """Write a (D, H, W) array as .nii/.nii.gz, atomically, so that `read_nifti` gives it back.
+
+    `read_nifti` reads voxels (X, Y, Z) as (D, H, W) = (Z, Y, X) and takes the affine's columns in
+    (k, j, i) order; this writes the inverse (voxels transposed, the (d, h, w) affine's columns
+    reordered (w, h, d)). Both sform and qform are set (code 1, scanner)."""
+    import gzip
+
+    import nibabel as nib
+
+    from chestdx.utils import atomic_path
+
+    path = Path(path)
+    xyz_affine = np.asarray(affine, dtype=np.float64)[:, [2, 1, 0, 3]]  # voxel (i, j, k) = index (w, h, d)
+    img = nib.Nifti1Image(np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0).astype(dtype)), xyz_affine)
+    img.header.set_data_dtype(dtype)
+    img.header.set_xyzt_units("mm")
+    img.set_sform(xyz_affine, code=1)
+    img.set_qform(xyz_affine, code=1)
+    data = img.to_bytes()  # serialised here: nibabel picks the format from a name the temp file lacks
+    if path.name.lower().endswith(".gz"):
+        data = gzip.compress(data, compresslevel=6, mtime=0)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
 # ---------------------------------------------------------------- folders of slice images
 
 

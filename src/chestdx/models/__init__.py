@@ -3,6 +3,7 @@ models (and its training method) beside them."""
 
 from chestdx.models.agcnn import AGCNN
 from chestdx.models.att2 import ATT2
+from chestdx.models.dsan import DSAN
 from chestdx.models.backbones import BACKBONES, backbone_names, create_backbone
 from chestdx.models.ladnn import LADNN, LESIONS
 from chestdx.models.magsd import MAGSD

@@ -15,7 +15,7 @@ import torch
 
 from chestdx.errors import ChestDxError
 from chestdx.models.backbones import input_normalisation
-from chestdx.models.ensemble import Ensemble
+from chestdx.models.ensemble import Ensemble, ensemble_class
 from chestdx.models.registry import create_model, get_entry
 from chestdx.tasks import Head, heads_from
 from chestdx.utils import atomic_path
@@ -50,6 +50,7 @@ def make_bundle(model: torch.nn.Module, config: dict, **metadata) -> dict:
         "config": config,
         "thresholds": {},
         "ensemble": len(model.members) if isinstance(model, Ensemble) else 0,
+        "ensemble_rule": model.rule if isinstance(model, Ensemble) else None,
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         **metadata,
     }
@@ -109,4 +110,6 @@ def build_model(bundle: dict) -> torch.nn.Module:
         return create_model(bundle["registry_name"], pretrained=None, **bundle["model_kwargs"])
 
     members = int(bundle.get("ensemble") or 0)
-    return Ensemble([one() for _ in range(members)], heads_from(bundle)) if members else one()
+    if not members:
+        return one()
+    return ensemble_class(bundle.get("ensemble_rule"))([one() for _ in range(members)], heads_from(bundle))

@@ -15,6 +15,8 @@ from torch import nn
 
 
 class Ensemble(nn.Module):
+    rule = "mean"  # how the members' answers combine; other rules register (`register_ensemble_rule`)
+
     def __init__(self, members: list[nn.Module], heads):
         super().__init__()
         if not members:
@@ -38,3 +40,17 @@ def _member_layers(member: nn.Module) -> list[nn.Module]:
     if hasattr(member, "target_layers"):
         return member.target_layers()
     return [member.target_layer()] if hasattr(member, "target_layer") else []
+
+
+ENSEMBLE_RULES: dict[str, type] = {"mean": Ensemble}
+
+
+def register_ensemble_rule(name: str, cls: type) -> None:
+    """An ensemble class a bundle's `ensemble_rule` names (e.g. DSAN's Eq. 5 `dual_sampling`)."""
+    ENSEMBLE_RULES[name] = cls
+
+
+def ensemble_class(rule: str | None) -> type:
+    if (rule or "mean") not in ENSEMBLE_RULES:
+        raise ValueError(f"unknown ensemble rule {rule!r}; known: {', '.join(sorted(ENSEMBLE_RULES))}")
+    return ENSEMBLE_RULES[rule or "mean"]

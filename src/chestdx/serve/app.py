@@ -3,6 +3,26 @@
 The process holds only read-only models; every result goes to the database, so copies of the
 service can run side by side behind a load balancer. Bad input never reaches a traceback: it
 gets a 4xx with a JSON body `{"error": {"status", "message", "file"}}`.
+
+Inputs by the model's sample kind (`/api/v1/models`: `input` "image" or "series", `sample`):
+an image model takes one PNG, JPEG or DICOM image; a sequence or volume model one whole series (a
+zip of its DICOM or slice image files, or a .nii/.nii.gz file; `series.unpacked_series` holds it to
+its limits). A volume model (sample "volume") answers its verdict and, with `heatmap`, a montage of
+slices with its attention on top (`montage_png`, a data URL). Routes and status codes:
+
+- `POST /api/v1/predict`: 200 with the result; for a volume model too slow for one request, 202
+  with a job (below). 400/413/415/422 for bad input (the file named), 401/403, 404 unknown model,
+  503 (+ Retry-After) when a job is needed and this process's job queue is full.
+- `POST /api/v1/predict/batch`: 200 with one entry per file (its own status: 200, 202, 4xx).
+- `POST /api/v1/jobs`: 202 `{"job_id", "status", "status_url", ...}` for a series model; 400 for an
+  image model; 413/415 as predict; 503 + Retry-After when the queue is full.
+- `GET /api/v1/jobs/{id}`: 200 with the job's status (and result or error); 404 for an unknown job
+  or another organisation's.
+- `GET /api/v1/studies/{id}`: 200, or 404 (also for another organisation's).
+
+When `/predict` answers a volume synchronously and when with a job, and how jobs are kept, run,
+leased and refused: see `chestdx.serve.jobs`. In short: synchronously iff twice the model's warm-up
+pass at load (a zero volume of its input size) is at most `max_sync_seconds` (10 s by default).
 """
 
 from __future__ import annotations
@@ -13,6 +33,7 @@ import logging
 import threading
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -34,6 +55,7 @@ from chestdx.explain.render import draw_box, overlay_rgb
 from chestdx.serve.auth import LOCAL, SESSION_COOKIE, SESSION_HOURS, Accounts, Principal, same_token
 from chestdx.serve.db import Database
 from chestdx.serve.deid import deidentify
+from chestdx.serve.jobs import JobError, JobRunner, JobsFull, Work, sync_allowed
 from chestdx.serve.registry import ServedModel, load_models
 from chestdx.serve.security import RequestGuard
 from chestdx.serve.series import is_series_upload, unpacked_series
@@ -64,6 +86,14 @@ class ServiceSettings:
     cors_origins: tuple = field(default_factory=tuple)  # none: browsers on other sites cannot read answers
     secure_cookies: bool = False  # also set Secure when the service itself is not behind https
     public_origins: tuple = field(default_factory=tuple)  # the page's origin(s) as browsers see them behind a proxy
+    # volume models and jobs (chestdx.serve.jobs)
+    max_sync_seconds: float = 10.0  # /predict answers a volume at once iff 2 x the model's warm-up pass fits
+    job_workers: int = 1  # jobs run at once in one service process (each holds a decode slot)
+    job_queue: int = 4  # jobs waiting in one process; one more gets 503 + Retry-After
+    job_lease_s: float = 30.0  # a queued or running job whose process stops renewing this long is failed
+    job_timeout_s: float = 900.0  # a job not done this long after it was queued is failed
+    job_keep_s: float = 3600.0  # a finished job (its result, montage included) is deleted after this
+    job_dir: Path | None = None  # where uploads wait for their job (default: a private folder in /tmp)
 
     @property
     def max_bytes(self) -> int:
@@ -96,13 +126,31 @@ def _error(status: int, message: str, file: str | None = None, headers: dict | N
 
 def create_app(settings: ServiceSettings) -> FastAPI:
     models = load_models(settings.models_dir, settings.cache_dir, settings.onnx_threads)
+    for served in models.values():
+        served.warm_up(settings.max_sync_seconds / 2)  # volume models: the sync-or-job rule's estimate
     db = Database(settings.db_url)
     accounts = Accounts(db)
     default_model = sorted(models)[0]
     decode_slots = threading.BoundedSemaphore(settings.decode_slots)
+    jobs = JobRunner(db, lambda work, data: run_job(work, data), workers=settings.job_workers,
+                     queue_size=settings.job_queue, lease_s=settings.job_lease_s, timeout_s=settings.job_timeout_s,
+                     keep_s=settings.job_keep_s, spool_dir=settings.job_dir)
+    runs_jobs = any(m.predictor.takes_series for m in models.values())  # else no threads: statuses only
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        if runs_jobs:
+            jobs.start()
+        yield
+        jobs.close()
+
     app = FastAPI(title="chestdx", version="1", description="Attention-guided diagnosis of chest CT and X-ray "
-                  "images. Research use only, not for diagnosis.", docs_url=None, redoc_url=None, openapi_url=None)
+                  "images. Research use only, not for diagnosis.", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
     app.state.models, app.state.db, app.state.settings, app.state.accounts = models, db, settings, accounts
+    app.state.jobs = jobs
+    if runs_jobs:
+        jobs.start()  # also for an app used without its lifespan (a test client outside `with`)
     app.add_middleware(RequestGuard, max_body_bytes=int(settings.max_request_mb * 2**20),
                        body_timeout_s=settings.body_timeout_s, require_credentials=settings.auth)
     if settings.cors_origins:
@@ -198,11 +246,20 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         return data
 
     def run_one(served: ServedModel, upload: UploadFile, heatmap: bool, principal: Principal) -> dict:
+        """The result body, or (a volume model too slow for one request) a queued job's body."""
         name = _client_name(upload)
         started = time.perf_counter()
         data = read_upload(upload)
-        if served.predictor.sample == "sequence":
+        if served.predictor.takes_series:
+            check_series_upload(served, data, name)
+            if served.sample == "volume" and not sync_allowed(served.warmup_s, settings.max_sync_seconds):
+                return queue_job(served, data, name, heatmap, principal)
             return run_series(served, data, name, heatmap, started, principal)
+        if is_series_upload(name, data):
+            series_models = sorted(n for n, m in models.items() if m.predictor.takes_series)
+            raise ServiceError(415, f"model {served.name!r} takes one image (PNG, JPEG or DICOM slice), not a "
+                                    "series (zip or NIfTI)" + (f"; series models: {', '.join(series_models)}"
+                                                               if series_models else ""), name)
         predictor = served.predictor
         with decode_slots:  # decoded pixels are the big allocation: a few at a time
             try:
@@ -262,13 +319,37 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         log.info("study %s: model %s, %s, %s", study.id, served.name, input_format, verdict["prediction"])
         return {"study_id": study.id, "study_url": f"{API}/studies/{study.id}", **result}
 
+    def check_series_upload(served: ServedModel, data: bytes, name: str) -> None:
+        if not is_series_upload(name, data):
+            raise ServiceError(415, f"a {served.sample} model takes one series: a zip of its DICOM (or slice "
+                                    "image) files, or a .nii/.nii.gz file", name)
+
+    def queue_job(served: ServedModel, data: bytes, name: str, heatmap: bool, principal: Principal) -> dict:
+        try:
+            job = jobs.submit(data, name, served.name, heatmap, principal, estimate_s=served.warmup_s or 1.0)
+        except JobsFull as full:
+            raise ServiceError(503, full.message, name, headers={"Retry-After": str(full.retry_after)}) from None
+        db.audit(principal.actor, "job_create", principal.org_id, detail=f"job {job.id} model {served.name}")
+        log.info("job %s: model %s queued", job.id, served.name)
+        return JobRunner.body(job, f"{API}/jobs/{job.id}")
+
+    def run_job(work: Work, data: bytes) -> dict:
+        """A job's work, in a worker thread: what /predict would have answered, or its error."""
+        try:
+            return run_series(models[work.model], data, work.name, work.heatmap, time.perf_counter(),
+                              work.principal)
+        except ServiceError as err:
+            raise JobError(err.status, err.message) from None
+
     def run_series(served: ServedModel, data: bytes, name: str, heatmap: bool, started: float,
                    principal: Principal) -> dict:
-        """A sequence model's upload: a zip of one series (or a NIfTI file), one result per series with the
-        sequence attention per drawn slice and, with `heatmap`, the weighted attention montage."""
-        if not is_series_upload(name, data):
-            raise ServiceError(415, "a sequence model takes one series: a zip of its DICOM (or slice image) "
-                                    "files, or a .nii/.nii.gz file", name)
+        """A series model's upload: a zip of one series (or a NIfTI file), one result per series. A sequence
+        model adds the sequence attention per drawn slice and, with `heatmap`, the weighted attention
+        montage; a volume model its verdict (infection ratio, attention in the lungs) and, with `heatmap`,
+        a montage of its attention over the volume."""
+        check_series_upload(served, data, name)
+        if served.sample == "volume":
+            return run_volume(served, data, name, heatmap, started, principal)
         predictor = served.predictor
         try:
             with decode_slots, unpacked_series(data, name, max_bytes=settings.max_bytes * 20) as path:
@@ -287,6 +368,31 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                                 "heatmap": round((t_heat - t_inf) * 1000, 2),
                                 "total": round((t_heat - started) * 1000, 2)}
         result["backend"] = predictor.backend
+        return record(served, principal, data, "series", verdict, result, {})
+
+    def run_volume(served: ServedModel, data: bytes, name: str, heatmap: bool, started: float,
+                   principal: Principal) -> dict:
+        try:
+            with decode_slots, unpacked_series(data, name, max_bytes=settings.max_bytes * 20) as path:
+                t_start = time.perf_counter()
+                verdict, shown, outputs = served.predictor.predict_volume(path)
+        except InputError as err:
+            raise ServiceError(_input_status(err), err.reason, name) from None
+        t_inf = time.perf_counter()
+        result = {"model": served.name, **verdict}
+        attention = outputs.get("attention")
+        if heatmap and attention is not None:
+            p = verdict["probabilities"].get(_as_text(verdict["prediction"]))
+            title = f"{served.name}: {_as_text(verdict['prediction'])}" + (f" p={p:.3f}" if p is not None else "")
+            result["montage_png"] = _volume_montage_png(shown, attention, title)
+            result["heatmap"] = {"method": "attention", "computed": served.heatmap_backend("attention"),
+                                 "grid": list(shown.shape)}
+        t_heat = time.perf_counter()
+        result["timings_ms"] = {"unpack": round((t_start - started) * 1000, 2),
+                                "inference": round((t_inf - t_start) * 1000, 2),
+                                "heatmap": round((t_heat - t_inf) * 1000, 2),
+                                "total": round((t_heat - started) * 1000, 2)}
+        result["backend"] = served.predictor.backend
         return record(served, principal, data, "series", verdict, result, {})
 
     def _as_text(prediction) -> str:
@@ -334,17 +440,53 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     @app.get(f"{API}/models", tags=["models"])
     def list_models(_principal: Principal = Depends(caller)):
         """Every loaded model with its modality, classes, metrics and intended use."""
-        return {"models": [models[name].card(settings.heatmap_method) for name in sorted(models)],
-                "default": default_model}
+        return {"models": [models[name].card(settings.heatmap_method, settings.max_sync_seconds)
+                           for name in sorted(models)], "default": default_model}
 
-    @app.post(f"{API}/predict", tags=["predict"])
-    def predict(file: UploadFile = File(..., description="PNG, JPEG or DICOM image; for a sequence model a zip "
-                                                          "of one series or a NIfTI file"),
+    @app.post(f"{API}/predict", tags=["predict"], responses={202: {"description": "a volume model too slow "
+                                                                   "for one request: a queued job"}})
+    def predict(file: UploadFile = File(..., description="PNG, JPEG or DICOM image; for a sequence or volume "
+                                                          "model a zip of one series or a NIfTI file"),
                 model: Optional[str] = Form(None, description="model name (default: the first)"),
-                heatmap: bool = Form(True, description="also return a Grad-CAM++ overlay"),
+                heatmap: bool = Form(True, description="also return a Grad-CAM++ overlay (volume models: "
+                                                       "a montage of the attention)"),
                 principal: Principal = Depends(needs("predict"))):
-        """Class probabilities, the label at the model's operating threshold, lesions, heat map, timings."""
-        return run_one(pick(model), file, heatmap, principal)
+        """Class probabilities, the label at the model's operating threshold, lesions, heat map, timings.
+        A volume model whose warm-up pass is too slow for one request answers 202 with a job instead."""
+        body = run_one(pick(model), file, heatmap, principal)
+        if "job_id" in body:
+            return JSONResponse(body, 202, headers={"Location": body["status_url"]})
+        return body
+
+    @app.post(f"{API}/jobs", tags=["jobs"], status_code=202)
+    def create_job(file: UploadFile = File(..., description="one series: a zip of its DICOM (or slice image) "
+                                                             "files, or a .nii/.nii.gz file"),
+                   model: Optional[str] = Form(None, description="a volume or sequence model (default: the first)"),
+                   heatmap: bool = Form(True, description="also return the attention montage"),
+                   principal: Principal = Depends(needs("predict"))):
+        """Queue a series for a volume (or sequence) model; poll `status_url` for the result."""
+        served = pick(model)
+        if not served.predictor.takes_series:
+            raise ServiceError(400, f"model {served.name!r} takes single images and answers at once on "
+                                    f"{API}/predict; jobs are for volume and sequence models")
+        name = _client_name(file)
+        data = read_upload(file)
+        check_series_upload(served, data, name)
+        body = queue_job(served, data, name, heatmap, principal)
+        return JSONResponse(body, 202, headers={"Location": body["status_url"]})
+
+    @app.get(f"{API}/jobs/{{job_id}}", tags=["jobs"])
+    def get_job(job_id: str, principal: Principal = Depends(needs("read"))):
+        """A job's status; its result (the body /predict returns) when done, its error when failed.
+        Readable by its creator's organisation and by administrators."""
+        job = jobs.get(job_id) if _is_uuid(job_id) else None
+        if job is None or not (principal.is_admin or job.org_id == principal.org_id):
+            if job is not None:
+                db.audit(principal.actor, "job_read_denied", principal.org_id, detail=f"job {job.id}")
+            raise ServiceError(404, f"no job {job_id[:64]!r}")
+        if job.status in ("done", "failed"):  # polls of a waiting job are not audited, the outcome's read is
+            db.audit(principal.actor, "job_read", principal.org_id, job.study_id, f"job {job.id}")
+        return JobRunner.body(job, f"{API}/jobs/{job.id}")
 
     @app.post(f"{API}/predict/batch", tags=["predict"])
     def predict_batch(files: List[UploadFile] = File(...), model: Optional[str] = Form(None),
@@ -356,8 +498,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         results = []
         for upload in files:
             try:
-                results.append({"file": _client_name(upload), "status": 200,
-                                **run_one(served, upload, heatmap, principal)})
+                body = run_one(served, upload, heatmap, principal)
+                results.append({"file": _client_name(upload), "status": 202 if "job_id" in body else 200, **body})
             except ServiceError as err:
                 results.append({"file": _client_name(upload), "status": err.status, "error": err.message})
         return {"model": served.name, "results": results}
@@ -443,6 +585,21 @@ def _montage_png(explainer, verdict: dict, shown: np.ndarray, x) -> str:
         return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
+def _volume_montage_png(shown: np.ndarray, attention: np.ndarray, title: str) -> str:
+    """Evenly spaced axial slices of the volume as the model saw it, with its attention on top, as a
+    data URL. The slices are chosen among those that hold something (not the zero padding nor, for a
+    lung-masked input, the slices outside the lungs)."""
+    import tempfile
+
+    from chestdx.explain.volume import choose_slices, montage_png
+
+    heat = np.clip(np.asarray(attention, dtype=np.float32).reshape(shown.shape), 0.0, 1.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = montage_png(shown, heat, Path(tmp) / "montage.png", title, n_tiles=16, axis=0,
+                           slices=choose_slices(shown, 16, axis=0))
+        return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
 def _stored_image(data: bytes, fmt: str) -> tuple[bytes, str]:
     """The upload as stored: de-identified (DICOM to the PS3.15 basic profile, PNG/JPEG metadata stripped)."""
     return deidentify(data, fmt), {"dicom": "application/dicom", "png": "image/png", "jpeg": "image/jpeg"}[fmt]
@@ -467,6 +624,9 @@ def app_from_env() -> FastAPI:
         cors_origins=tuple(o for o in env("CHESTDX_SERVE_CORS", "").split(",") if o),
         secure_cookies=env("CHESTDX_SERVE_SECURE_COOKIES") == "1",
         public_origins=tuple(o for o in env("CHESTDX_SERVE_PUBLIC_ORIGINS", "").split(",") if o),
+        max_sync_seconds=float(env("CHESTDX_SERVE_MAX_SYNC_S", 10.0)),
+        job_workers=int(env("CHESTDX_SERVE_JOB_WORKERS", 1)),
+        job_queue=int(env("CHESTDX_SERVE_JOB_QUEUE", 4)),
     ))
 
 

@@ -1,10 +1,13 @@
-"""Where results live: studies, organisations, users, API keys, sessions and the audit log, through
-SQLAlchemy (SQLite by default, PostgreSQL by URL), the schema kept by Alembic migrations.
+"""Where results live: studies, organisations, users, API keys, sessions, the audit log and
+asynchronous jobs, through SQLAlchemy (SQLite by default, PostgreSQL by URL), the schema kept by
+Alembic migrations.
 
 The service keeps no state in the process, so any number of copies behind a load balancer
 share this database. Images are stored only when the operator opts in, and then de-identified
 (see `deid`); the uploaded file name is never stored (it often carries a patient name), only
-the SHA-256 of the upload. Secrets are stored only as hashes (see `auth`).
+the SHA-256 of the upload. Secrets are stored only as hashes (see `auth`). A job row holds no
+upload and no file name: the bytes wait in a temporary file of the process running the job
+(`chestdx.serve.jobs`); the row holds its state, lease, result and error.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, create_engine,
-                        event, select)
+                        delete, event, or_, select, update)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
@@ -107,6 +110,34 @@ class Study(Base):
                 **self.result, "image_stored": self.image is not None}
 
 
+JOB_ACTIVE = ("queued", "running")
+
+
+class Job(Base):
+    """One asynchronous prediction (`chestdx.serve.jobs`): queued -> running -> done | failed.
+
+    `owner` is the service process that accepted it and alone runs it; it renews `lease_until`
+    while the job is queued or running, so a job whose process died is found (the lease passed)
+    and failed by any process sharing the database."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=_uuid)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
+    started: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # queued, running, done, failed
+    model: Mapped[str] = mapped_column(String(128))
+    heatmap: Mapped[bool] = mapped_column(Boolean, default=True)
+    org_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)  # who may read it
+    created_by: Mapped[str | None] = mapped_column(String(160), nullable=True)
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)  # host:pid:random of the process
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    study_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    result: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # the body /predict returns
+    error: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {"status", "message", "file"}
+
+
 class Database:
     """One engine per process; the schema brought to the newest migration on opening."""
 
@@ -149,6 +180,52 @@ class Database:
     def ids(self) -> set[str]:
         with Session(self.engine) as session:
             return set(session.scalars(select(Study.id)))
+
+    # jobs ------------------------------------------------------------------------------------------
+    def add_job(self, **fields) -> Job:
+        job = Job(**fields)
+        with self.sessions.begin() as session:
+            session.add(job)
+        return job
+
+    def get_job(self, job_id: str) -> Job | None:
+        with Session(self.engine) as session:
+            return session.get(Job, job_id)
+
+    def update_job(self, job_id: str, where_status: tuple, owner: str | None = None, **fields) -> bool:
+        """Set `fields` on the job if its status is among `where_status` (and it belongs to `owner`, if
+        given): a compare-and-set, so a job failed by its lease is never turned into done, nor run twice."""
+        query = update(Job).where(Job.id == job_id, Job.status.in_(where_status))
+        if owner is not None:
+            query = query.where(Job.owner == owner)
+        with self.sessions.begin() as session:
+            return session.execute(query.values(**fields)).rowcount == 1
+
+    def renew_leases(self, owner: str, job_ids, until: datetime) -> None:
+        ids = list(job_ids)
+        if not ids:
+            return
+        with self.sessions.begin() as session:
+            session.execute(update(Job).where(Job.owner == owner, Job.id.in_(ids), Job.status.in_(JOB_ACTIVE))
+                            .values(lease_until=until))
+
+    def expire_jobs(self, now: datetime, error: dict, job_id: str | None = None) -> int:
+        """Fail every queued or running job whose lease passed (or just `job_id`); returns how many."""
+        query = update(Job).where(Job.status.in_(JOB_ACTIVE), or_(Job.lease_until.is_(None), Job.lease_until < now))
+        if job_id is not None:
+            query = query.where(Job.id == job_id)
+        with self.sessions.begin() as session:
+            return session.execute(query.values(status="failed", finished=now, error=error)).rowcount
+
+    def active_job_ids(self) -> set[str]:
+        with Session(self.engine) as session:
+            return set(session.scalars(select(Job.id).where(Job.status.in_(JOB_ACTIVE))))
+
+    def purge_jobs(self, finished_before: datetime) -> int:
+        """Delete finished jobs (their results, heat maps included) older than `finished_before`."""
+        with self.sessions.begin() as session:
+            return session.execute(delete(Job).where(Job.status.notin_(JOB_ACTIVE),
+                                                     Job.finished < finished_before)).rowcount
 
     def audit(self, actor: str, action: str, org_id: str | None = None, study_id: str | None = None,
               detail: str | None = None) -> None:

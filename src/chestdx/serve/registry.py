@@ -6,6 +6,11 @@ is exported into a cache at start-up; PyTorch is the fallback when export fails.
 GAP + linear head (CAM, Grad-CAM, Grad-CAM++) come in closed form from the ONNX graph's feature
 maps (`chestdx.explain.closed_form`), with no backward pass and no lock; any other head's come
 from the PyTorch bundle, one at a time.
+
+A volume model (bundle sample "volume", e.g. the dual-sampling attention network) takes a whole
+series; its heat map is the model's own attention over the volume, shown as a montage of slices.
+`ServedModel.warm_up` times its forward pass on a zero volume at start-up: the service answers a
+volume synchronously only when that is fast enough (`chestdx.serve.jobs`), otherwise as a job.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +39,45 @@ class ServedModel:
     explainer: Predictor | None  # PyTorch bundle for heat maps, if available
     files: list = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)  # CAM hooks are not thread-safe
+    warmup_s: float | None = None  # a volume model's timed forward pass on a zero volume (`warm_up`)
+    has_attention: bool = False  # a volume model that outputs its attention map (the montage's heat)
+
+    @property
+    def sample(self) -> str:
+        return self.predictor.sample
+
+    def warm_up(self, limit_s: float | None = None) -> float | None:
+        """Time the calls `Predictor.predict_volume` makes on a zero volume of the model's input size:
+        two passes, the second (warm) one counted; one pass only when the first already exceeds
+        `limit_s`. Volume models only (None otherwise, or when the pass fails: then every volume goes
+        to a job)."""
+        if self.sample != "volume":
+            return None
+        import torch
+
+        from chestdx.export import input_shape
+
+        x = torch.zeros(input_shape(self.predictor.bundle))
+
+        def once() -> float:
+            started = time.perf_counter()
+            with torch.no_grad():
+                out = self.predictor.model(x)
+            if self.predictor.tta:
+                self.predictor.predict_tensor(x)
+            self.has_attention = "attention" in out
+            return time.perf_counter() - started
+
+        try:
+            seconds = once()
+            if limit_s is None or seconds <= limit_s:
+                seconds = once()
+        except Exception as err:  # a model that cannot run a zero volume: no estimate, jobs only
+            log.warning("%s: warm-up pass failed (%s); volumes go to jobs", self.name, err)
+            return None
+        self.warmup_s = seconds
+        log.info("%s: warm-up pass %.3f s", self.name, seconds)
+        return seconds
 
     def closed_form(self, method: str) -> bool:
         from chestdx.explain.closed_form import CLOSED_FORM_METHODS
@@ -40,9 +85,13 @@ class ServedModel:
         return method in CLOSED_FORM_METHODS and getattr(self.predictor.model, "cam_spec", None) is not None
 
     def heatmaps(self, method: str) -> bool:
+        if self.sample == "volume":
+            return self.has_attention
         return self.closed_form(method) or self.explainer is not None
 
     def heatmap_backend(self, method: str) -> str:
+        if self.sample == "volume":
+            return "the model's own attention map (a montage of slices)"
         return "closed form from the ONNX features" if self.closed_form(method) else "pytorch backward pass"
 
     def heatmap_target(self, prediction):
@@ -67,9 +116,12 @@ class ServedModel:
         with self.lock:
             return explain(self.explainer.model, x, method, target, self.explainer.explain_heads).maps[0, 0]
 
-    def card(self, heatmap_method: str = "gradcam++") -> dict:
+    def card(self, heatmap_method: str = "gradcam++", max_sync_seconds: float | None = None) -> dict:
+        """`input`: "image" or "series" (one upload of a whole series: sequence and volume models);
+        `sample`: the model's own kind (image, sequence, volume); for a volume model `answers`:
+        "synchronously" or "job" (`/predict` answers 202 with a job, see `chestdx.serve.jobs`)."""
         b = self.predictor.bundle
-        return {
+        card = {
             "name": self.name,
             "architecture": b.get("registry_name"),
             "backbone": b.get("model_kwargs", {}).get("backbone"),
@@ -83,18 +135,29 @@ class ServedModel:
             "input_size": b.get("preprocess", {}).get("size"),
             "metrics": {"validation": {k: v for k, v in b.get("validation", {}).items() if k != "thresholds"}},
             "intended_use": INTENDED_USE.format(what=self._input_kind(), classes=" / ".join(b.get("classes") or [])),
-            "input": "series" if self.predictor.sample == "sequence" else "image",
+            "input": "series" if self.predictor.takes_series else "image",
+            "sample": self.sample,
             "backend": self.predictor.backend,
             "heatmaps": self.heatmaps(heatmap_method),
             "heatmap_method": heatmap_method,
             "heatmap_backend": self.heatmap_backend(heatmap_method) if self.heatmaps(heatmap_method) else None,
         }
+        if self.sample == "volume":
+            from chestdx.serve.jobs import sync_allowed
+
+            card["heatmap_method"] = "attention" if self.has_attention else None
+            card["warmup_ms"] = None if self.warmup_s is None else round(self.warmup_s * 1000, 2)
+            card["answers"] = ("synchronously" if max_sync_seconds is not None
+                               and sync_allowed(self.warmup_s, max_sync_seconds) else "job")
+        return card
 
     def _input_kind(self) -> str:
         modality = self.predictor.bundle.get("modality", "chest")
         if self.predictor.sample == "sequence":
             n = self.predictor.bundle.get("preprocess", {}).get("sequence_length", 16)
             return f"{modality} series ({n} evenly spaced slices; a zip of its files or a NIfTI file)"
+        if self.predictor.sample == "volume":
+            return f"{modality} volume (one whole series: a zip of its DICOM or slice image files, or a NIfTI file)"
         return f"{modality} image"
 
 

@@ -1,4 +1,5 @@
-"""A whole series as one upload, for sequence models: a zip of the series' files or one NIfTI file.
+"""A whole series as one upload, for sequence and volume models: a zip of the series' files or one
+NIfTI file.
 
 The archive is unpacked into a temporary folder that is removed afterwards. Before anything is
 parsed or extracted: the entry count of the zip's end record is checked (a directory of millions
@@ -6,12 +7,16 @@ of entries is refused unread). Then the members' count and declared unpacked siz
 image's declared dimensions (PNG/JPEG from their headers, DICOM Rows x Columns), are checked
 against the limits, so neither a zip bomb nor an image bomb inside it is decoded. Members are
 written under new names (`00000.png`, ... in the natural order of their own names, which a
-folder of slice images relies on), so no name from the client reaches the file system.
+folder of slice images relies on), so no name from the client reaches the file system. A NIfTI
+file (uploaded, or alone in a zip) is held to the same voxel limit from its header's dimensions,
+before anything reads its data.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
+import math
 import re
 import struct
 import tempfile
@@ -49,6 +54,7 @@ def unpacked_series(data: bytes, name: str, max_bytes: int):
         folder = Path(tmp)
         if name.lower().endswith(NIFTI_SUFFIXES):
             path = folder / ("volume.nii.gz" if name.lower().endswith(".gz") else "volume.nii")
+            _check_nifti(data, PurePosixPath(name).name, name)
             path.write_bytes(data)
             yield path
             return
@@ -73,6 +79,8 @@ def unpacked_series(data: bytes, name: str, max_bytes: int):
                 except _ZIP_ERRORS as err:
                     raise InputError(name, f"cannot unpack {base[:80]} from the zip archive ({err})") from None
                 pixels += _declared_pixels(content, base, name)
+                if base.lower().endswith(NIFTI_SUFFIXES):
+                    _check_nifti(content, base, name)
                 if pixels > MAX_SERIES_PIXELS:
                     raise InputError(name, f"the series' slices hold more than {MAX_SERIES_PIXELS:,} pixels, too "
                                            "large for one request")
@@ -147,3 +155,31 @@ def _declared_pixels(content: bytes, base: str, name: str) -> int:
         raise InputError(name, f"{base[:80]} declares {w}x{h} pixels, too large for a CT slice "
                                f"(limit {MAX_SLICE_PIXELS:,})")
     return w * h
+
+
+def nifti_voxels(content: bytes) -> int | None:
+    """The voxels a NIfTI-1 or NIfTI-2 file declares in its header (None where there is no readable
+    header: the volume reader names the problem). Only the header is decompressed."""
+    try:
+        head = gzip.GzipFile(fileobj=io.BytesIO(content)).read(544) if content[:2] == b"\x1f\x8b" else content[:544]
+    except (OSError, EOFError, zlib.error, ValueError):
+        return None
+    for order in "<>":
+        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", head[40:56])
+            break
+        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:
+            dims = struct.unpack(order + "8q", head[16:80])
+            break
+    else:
+        return None
+    if not 1 <= dims[0] <= 7:
+        return None
+    return math.prod(max(1, int(d)) for d in dims[1:1 + dims[0]])
+
+
+def _check_nifti(content: bytes, base: str, name: str) -> None:
+    voxels = nifti_voxels(content)
+    if voxels is not None and voxels > MAX_SERIES_PIXELS:
+        raise InputError(name, f"{base[:80]} declares {voxels:,} voxels, too large for one request "
+                               f"(limit {MAX_SERIES_PIXELS:,})")

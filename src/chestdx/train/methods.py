@@ -6,7 +6,9 @@ A method is a class with `options` (its config section `method:`, with defaults)
 - `parameter_groups(model, train_cfg) -> list[dict]` for the optimiser;
 - `sampler(dataset, train_cfg, generator) -> Sampler | None` (None: shuffle uniformly);
 - `fit_to(dataset)`: called once with the training set before training (the class weights of
-  `train.class_weights: balanced` are counted there).
+  `train.class_weights: balanced` are counted there);
+- `member_config(cfg, k)` and `ensemble_rule(cfg)` for `train.ensemble: K`: member k's config (the
+  seed is set already) and the rule that combines the members (`models.ensemble.ENSEMBLE_RULES`).
 
 `SupervisedMethod` is the default: the weighted sum over the model's heads of each head's task
 loss (`chestdx.tasks`), weights from `train.head_weights` (1 for a head not named there). The
@@ -101,6 +103,15 @@ class SupervisedMethod:
 
     def sampler(self, dataset, train_cfg: dict, generator):
         return None
+
+    # A `train.ensemble: K` run: each member's config (beyond its seed), and how members combine.
+    @classmethod
+    def member_config(cls, cfg: dict, k: int) -> dict:
+        return cfg
+
+    @classmethod
+    def ensemble_rule(cls, cfg: dict) -> str:
+        return "mean"
 
 
 register_method(SupervisedMethod)

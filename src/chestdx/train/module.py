@@ -97,8 +97,14 @@ class ChestDxModule(L.LightningModule):
         groups = self.method.parameter_groups(self.model, t)
         if t.get("optimizer", "adamw") == "sgd":  # MAG-SD's paper setting: SGD, momentum 0.9
             opt = torch.optim.SGD(groups, momentum=0.9, weight_decay=t["weight_decay"])
+        elif t.get("optimizer") == "adam":  # DSAN's: Adam with L2 weight decay
+            opt = torch.optim.Adam(groups, weight_decay=t["weight_decay"])
         else:
             opt = torch.optim.AdamW(groups, weight_decay=t["weight_decay"])
+        if t.get("schedule", "cosine") == "step":  # DSAN's: lr / 10 every 5 epochs
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(t.get("lr_step_epochs", 5)),
+                                                    gamma=float(t.get("lr_step_gamma", 0.1)))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
         total = max(1, self.trainer.estimated_stepping_batches)
         warmup = min(total - 1, int(t.get("warmup_epochs", 1) * total / max(1, t["epochs"])))
 

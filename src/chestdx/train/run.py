@@ -30,9 +30,10 @@ from chestdx.errors import ChestDxError
 from chestdx.models import get_entry
 from chestdx.models.backbones import input_normalisation
 from chestdx.models.bundle import load_bundle, make_bundle, save_bundle
-from chestdx.models.ensemble import Ensemble
+from chestdx.models.ensemble import ensemble_class
 from chestdx.train import runfolder
 from chestdx.train.memory import keep_freed_memory
+from chestdx.train.methods import get_method
 from chestdx.train.module import ChestDxModule, FreezeModules
 from chestdx.utils import write_json_atomic
 
@@ -207,8 +208,10 @@ def run_fingerprint(cfg: dict, manifest=None, init_from=None, freeze=(), dataset
 
 def _fit_ensemble(cfg: dict, run_dir: Path, progress: bool, manifest=None) -> Path:
     t = cfg["train"]
+    method = get_method(get_entry(cfg["model"]["name"]).method)
     member_cfgs = [copy.deepcopy(cfg) for _ in range(int(t["ensemble"]))]
     for k, member_cfg in enumerate(member_cfgs):
+        method.member_config(member_cfg, k)  # before ensemble=1: it may check the ensemble size
         member_cfg["train"].update(ensemble=1, seed=int(t["seed"]) + k)
     # Every folder is checked before any is recorded, so a refused run changes nothing.
     fingerprint = split_manifests(cfg, manifest)[1]
@@ -231,7 +234,7 @@ def _fit_ensemble(cfg: dict, run_dir: Path, progress: bool, manifest=None) -> Pa
     cfg["preprocess"] = summaries[0]["preprocess"]
     data = data or build_datasets(copy.deepcopy(cfg), progress, manifest=manifest)
     entry = get_entry(cfg["model"]["name"])
-    ensemble = Ensemble(members, entry.heads).eval()
+    ensemble = ensemble_class(method.ensemble_rule(cfg))(members, entry.heads).eval()
     val_loader = DataLoader(data["val"], batch_size=64, shuffle=False, num_workers=t["num_workers"])
     val_metrics = validation_summary(ensemble, entry.heads, val_loader, cfg.get("evaluate", {}), entry.primary)
     bundle = make_bundle(ensemble, cfg, data_fingerprint=data["fingerprint"], validation=val_metrics,

@@ -77,7 +77,7 @@ function showResult(file, body, ok) {
     info.append(el("h4", {}, "Lesion findings"));
     for (const [name, p] of Object.entries(body.lesions)) info.append(bar(name + (p >= 0.5 ? " ●" : ""), p, "lesion"));
   }
-  if (body.montage_png) {  // a sequence model: slices weighted by the sequence attention
+  if (body.montage_png) {  // a sequence model's slices weighted by its attention, a volume model's attention
     item.append(el("div", {}, el("img", { src: body.montage_png, class: "montage", alt: "attention montage",
       "data-testid": "montage" })), info);
   } else if (body.heatmap) {
@@ -102,6 +102,18 @@ function showResult(file, body, ok) {
   $("csv").disabled = false;
 }
 
+async function waitForJob(file, job) {  // a volume too slow for one request: poll its job until it ends
+  for (;;) {
+    $("status").textContent = `${file.name}: job ${job.status}…`;
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    const res = await fetch(job.status_url);
+    if (!res.ok) return { ok: false, body: await res.json().catch(() => ({ error: { message: `HTTP ${res.status}` } })) };
+    job = await res.json();
+    if (job.status === "done") return { ok: true, body: job.result };
+    if (job.status === "failed") return { ok: false, body: { error: job.error } };
+  }
+}
+
 async function send(files) {
   let done = 0;
   for (const file of files) {
@@ -113,7 +125,12 @@ async function send(files) {
       const res = await fetch(`${API}/predict`, { method: "POST", body: form, headers: postHeaders() });
       if (res.status === 401) { showLogin("Your session has ended; log in again."); return; }
       if (res.status === 403 && csrf) await start();  // a login in another tab renewed the session
-      showResult(file, await res.json(), res.ok);
+      if (res.status === 202) {
+        const out = await waitForJob(file, await res.json());
+        showResult(file, out.body, out.ok);
+      } else {
+        showResult(file, await res.json(), res.ok);
+      }
     } catch (err) {
       showResult(file, { error: { message: String(err) } }, false);
     }
