@@ -307,7 +307,9 @@ else:
         out["onnxruntime_seconds_per_volume"] = (time.time() - started) / batch
         out["onnx_max_abs_diff_attention"] = float(np.abs(got[1] - ref["attention"].numpy()).max())
         out["onnx_max_abs_diff_logits"] = float(np.abs(got[0] - ref["logits"].numpy()).max())
-out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process's own peak (ru_maxrss would carry the parent's across fork and exec)
+hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+out["peak_rss_mb"] = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps(out))
 """
 

@@ -175,7 +175,10 @@ def fit(cfg: dict, run_dir, progress: bool = True, datasets: dict | None = None,
     if trainer.global_rank == 0:  # rank 0 writes the bundle
         seconds = time.time() - started
         epochs_run = max(1, trainer.current_epoch)
-        best_path = best.best_model_path or str(last)
+        # A run resumed after its last epoch validates nothing, so this session's callback knows no
+        # best: the one an earlier session kept is on disk.
+        kept = run_dir / "checkpoints" / "best.ckpt"
+        best_path = best.best_model_path or (str(kept) if kept.exists() else str(last))
         state = torch.load(best_path, map_location="cpu", weights_only=False)
         module.load_state_dict(state["state_dict"])
         module.eval()
