@@ -162,13 +162,15 @@ class Predictor:
     def predict_volume(self, source) -> tuple[dict, np.ndarray, dict]:
         """One volume's verdict, the volume as the model saw it (D, H, W) and the model's outputs (numpy,
         batch axis dropped: `attention` T(A) on the model's grid, and for the dual-sampling ensemble the
-        infection ratio it weighed the two models by; `grid_affine` the grid's index -> world affine).
+        infection ratio it weighed the two models by; `grid_affine` the grid's index -> world affine;
+        `input` the model's input tensor (1, 1, D, H, W)).
         The verdict adds `infection_ratio` (with `infection_ratio_source`) where the model gives one, and
         `attention_in_lungs`: the share of the attention inside the lungs (the input is masked to them)."""
         shown, x, affine = self.read_volume(source)
         out, result = self._verdict(x)
         out = {k: np.asarray(v)[0] for k, v in out.items()}
         out["grid_affine"] = affine
+        out["input"] = x  # the model's input tensor, so an explainer need not read the volume again
         if "infection_ratio" in out:
             result["infection_ratio"] = float(out["infection_ratio"])
             result["infection_ratio_source"] = "attention" if float(out.get("ratio_from_attention", 1)) else "given"

@@ -315,7 +315,7 @@ def explain_volume(predictor, source, out_dir, name: str, gradcam: bool = True) 
     if "attention" in out:
         maps["attention"] = out["attention"][0]
     if gradcam and predictor.backend == "pytorch":
-        x = predictor.read_volume(source)[1]
+        x = out["input"]
         members = list(getattr(predictor.model, "members", [predictor.model]))
         cams = [grad_cam_3d(m, x, m.target_layer()) for m in members]
         if len(cams) == 2 and "ensemble_weight" in out:  # Eq. 5's weights, as the attention is combined
