@@ -321,3 +321,31 @@ def test_jobs_on_postgresql(models_dir, uploads, tmp_path, request):
         assert db.get_job(stale).status == "failed"
     finally:
         application.state.jobs.close()
+
+
+def test_serve_flags_set_the_job_settings_every_worker_reads(monkeypatch, tmp_path):
+    """`chestdx serve --max-sync-seconds/--job-workers/--job-queue` reach ServiceSettings through the
+    environment that each uvicorn worker process reads."""
+    import uvicorn
+    from typer.testing import CliRunner
+
+    import chestdx.serve.app as serve_app
+    from chestdx.cli import app as cli
+
+    seen = {}
+    monkeypatch.setenv("CHESTDX_HOME", str(tmp_path))
+    monkeypatch.setattr(serve_app, "app_from_env", lambda: None)  # no models folder needed here
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: seen.update(settings=serve_app.settings_from_env()))
+    serve_writes = ["CHESTDX_DEID_KEY"] + [f"CHESTDX_SERVE_{n}" for n in (
+        "MODELS", "DB", "STORE_IMAGES", "MAX_MB", "MAX_PIXELS", "AUTH", "CORS", "SECURE_COOKIES",
+        "PUBLIC_ORIGINS", "MAX_SYNC_S", "JOB_WORKERS", "JOB_QUEUE")]
+    for name in serve_writes:  # set then removed, so that monkeypatch restores each after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    res = CliRunner().invoke(cli, ["serve", "--no-auth", "--models", str(tmp_path), "--max-sync-seconds", "0",
+                                   "--job-workers", "3", "--job-queue", "7"])
+    assert res.exit_code == 0, res.output
+    s = seen["settings"]
+    assert (s.max_sync_seconds, s.job_workers, s.job_queue) == (0.0, 3, 7)
+    bad = CliRunner().invoke(cli, ["serve", "--no-auth", "--models", str(tmp_path), "--job-workers", "0"])
+    assert bad.exit_code == 2 and "job-workers" in bad.output

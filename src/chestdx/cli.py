@@ -344,6 +344,12 @@ def serve(
                                             "behind a proxy, e.g. https://chestdx.hospital.org (https: Secure cookie)"),
     forwarded_allow_ips: Optional[str] = typer.Option(None, "--forwarded-allow-ips", help="proxies whose "
                                                       "X-Forwarded-* headers are trusted (default 127.0.0.1)"),
+    max_sync_s: float = typer.Option(10.0, "--max-sync-seconds", min=0, help="a volume upload is answered at "
+                                     "once if 2 x the model's warm-up pass fits in this; else it becomes a job "
+                                     "(0: every volume is a job)"),
+    job_workers: int = typer.Option(1, "--job-workers", min=1, help="volume jobs run at once per service process"),
+    job_queue: int = typer.Option(4, "--job-queue", min=0, help="volume jobs waiting per process; one more gets "
+                                  "503 with Retry-After"),
 ):
     """Start the web page and REST API (OpenAPI docs at /docs, after logging in)."""
     import os
@@ -365,6 +371,9 @@ def serve(
     os.environ["CHESTDX_SERVE_CORS"] = ",".join(cors)
     os.environ["CHESTDX_SERVE_SECURE_COOKIES"] = "1" if secure_cookies else "0"
     os.environ["CHESTDX_SERVE_PUBLIC_ORIGINS"] = ",".join(o.rstrip("/") for o in public_origin)
+    os.environ["CHESTDX_SERVE_MAX_SYNC_S"] = str(max_sync_s)
+    os.environ["CHESTDX_SERVE_JOB_WORKERS"] = str(job_workers)
+    os.environ["CHESTDX_SERVE_JOB_QUEUE"] = str(job_queue)
     from chestdx.serve.app import app_from_env, deid_key
 
     os.environ["CHESTDX_DEID_KEY"] = deid_key(home)  # one UID mapping for every worker

@@ -607,13 +607,18 @@ def _stored_image(data: bytes, fmt: str) -> tuple[bytes, str]:
 
 def app_from_env() -> FastAPI:
     """The app configured by CHESTDX_SERVE_* variables (set by `chestdx serve`; one per worker)."""
+    return create_app(settings_from_env())
+
+
+def settings_from_env() -> ServiceSettings:
+    """ServiceSettings from the CHESTDX_SERVE_* variables, with the defaults of `chestdx serve`."""
     import os
 
     from chestdx.settings import home as chestdx_home
 
     home = chestdx_home()
     env = os.environ.get
-    return create_app(ServiceSettings(
+    return ServiceSettings(
         models_dir=Path(env("CHESTDX_SERVE_MODELS", home / "models")),
         db_url=env("CHESTDX_SERVE_DB", f"sqlite:///{home / 'studies.db'}"),
         cache_dir=home / "cache" / "onnx",
@@ -627,7 +632,7 @@ def app_from_env() -> FastAPI:
         max_sync_seconds=float(env("CHESTDX_SERVE_MAX_SYNC_S", 10.0)),
         job_workers=int(env("CHESTDX_SERVE_JOB_WORKERS", 1)),
         job_queue=int(env("CHESTDX_SERVE_JOB_QUEUE", 4)),
-    ))
+    )
 
 
 def deid_key(home: Path) -> str:
