@@ -85,9 +85,44 @@ def evaluate(
     out: Path = typer.Option(Path("runs/eval"), "--out", help="report folder"),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="named dataset (default: the model's)"),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="bootstrap resamples for the 95% CIs"),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="an external set instead: a CSV of images "
+                                            "or series (path, label, patient_id, optional source)"),
+    label_map: List[str] = typer.Option([], "--map", help="with --manifest: LABEL=CLASS onto the model's classes, "
+                                        "e.g. --map cap=noncovid --map normal=noncovid"),
+    slice_labels: Optional[Path] = typer.Option(None, "--slice-labels", help="with --manifest: per-slice labels "
+                                                "(series, file, infection columns)"),
+    slice_label_column: str = typer.Option("infection", "--slice-label-column"),
+    aggregate: str = typer.Option("topk", "--aggregate", help="series score from its slices: mean, max or topk"),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="slices averaged by --aggregate topk"),
+    positive: Optional[str] = typer.Option(None, "--positive", help="class scored against the rest "
+                                           "(default: covid, else the last class)"),
+    backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime when a current export lies "
+                                "beside the bundle), onnx or pytorch"),
+    workers: int = typer.Option(0, "--workers", min=0, help="decoding worker processes (0: in this process)"),
 ):
-    """Evaluate on the dataset's val and test splits; write metrics.json, figures and a report."""
-    _evaluate(checkpoint or _default_model(), out, dataset, bootstrap)
+    """Evaluate on the dataset's val and test splits, or on an external --manifest; write metrics.json,
+    figures and a report."""
+    if manifest is None:
+        extra = [flag for flag, used in (("--map", label_map), ("--slice-labels", slice_labels),
+                                         ("--positive", positive)) if used]
+        if extra:
+            raise ChestDxError(f"{', '.join(extra)}: only with --manifest")
+        _evaluate(checkpoint or _default_model(), out, dataset, bootstrap)
+        return
+    from chestdx.evaluate.external import evaluate_external
+
+    m = evaluate_external(checkpoint or _default_model(), manifest, out, label_map, slice_labels, slice_label_column,
+                          aggregate, top_k, positive, n_boot=bootstrap, workers=workers, backend=backend)
+    console.print(f"external set ({m['n_rows']} rows, {m['n_images']} images, {m['images_per_second']:.1f} "
+                  f"images/s on {m['backend']}): not used in training or model selection")
+    for level in ("slices", "patients"):
+        entry = (m.get(level) or {}).get("all_negatives")
+        if entry and entry.get("auc") is not None:
+            console.print(f"{level}: AUC {entry['auc']:.3f} [{entry['auc_ci'][0]:.3f}, {entry['auc_ci'][1]:.3f}] "
+                          f"({entry['n']}, {entry['n_positive']} positive)")
+    if m["errors"]:
+        err_console.print(f"{len(m['errors'])} row(s) could not be read; see the report")
+    console.print(f"report: {Path(out) / 'report.html'}")
 
 
 def _evaluate(model_path, out, dataset, bootstrap):
@@ -116,6 +151,23 @@ def _evaluate(model_path, out, dataset, bootstrap):
 
 
 @app.command()
+def calibrate(
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="model bundle (default: the installed model)"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="named dataset whose validation split is used "
+                                          "(default: the model's)"),
+):
+    """Fit the temperature on the validation split and store it in the bundle (training does this itself;
+    this is for bundles trained before it did). Thresholds move with it, so decisions stay the same."""
+    from chestdx.evaluate.run import calibrate_bundle
+
+    path = checkpoint or _default_model()
+    c = calibrate_bundle(path, dataset)
+    before, after = c["validation_before"], c["validation_after"]
+    console.print(f"temperature {c['temperature']:.3f} on {before['n']} validation images: ECE {before['ece']:.3f} -> "
+                  f"{after['ece']:.3f}, Brier {before['brier']:.3f} -> {after['brier']:.3f}; stored in {path}")
+
+
+@app.command()
 def predict(
     inputs: List[Path] = typer.Argument(..., help="PNG/JPEG/DICOM files or folders"),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="model bundle (default: the installed model)"),
@@ -123,12 +175,16 @@ def predict(
     montage: Optional[Path] = typer.Option(None, "--montage",
                                            help="sequence and 3D models: write each series' attention montage here "
                                                 "(3D: T(A) and Grad-CAM as NIfTI and axial/coronal PNG montages)"),
+    backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime when a current export lies "
+                                "beside the bundle), onnx or pytorch"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="images per forward pass (2D models)"),
+    workers: int = typer.Option(0, "--workers", min=0, help="decoding processes (2D; 0: this one)"),
 ):
     """Predict class (and lesion) probabilities for image files, or per series for a sequence or 3D model
     (each input one series: a DICOM folder, a NIfTI file or a folder of slice images)."""
-    from chestdx.inference import Predictor, expand_inputs, series_source
+    from chestdx.inference import expand_inputs, predictor_for, series_source
 
-    predictor = Predictor(checkpoint or _default_model())
+    predictor = predictor_for(checkpoint or _default_model(), backend)
     series = predictor.takes_series
     if montage and not series:
         raise ChestDxError("--montage is for sequence and 3D models; use chestdx explain for images")
@@ -136,16 +192,24 @@ def predict(
     if not files:
         raise ChestDxError("no image files found in the given inputs")
     rows, failed, names = [], 0, set()
-    for path in files:
-        try:
-            if series:
-                with series_source(path) as source:
-                    rows.append({"path": str(path), **_predict_series(predictor, source, path, montage, names)})
+
+    def report(message):
+        nonlocal failed
+        failed += 1
+        err_console.print(f"error: {message}", highlight=False, markup=False, soft_wrap=True)
+
+    if not series:  # batched, decoded in worker processes
+        for path, result, error in predictor.predict_files(files, batch_size=batch_size, workers=workers):
+            if error is None:
+                rows.append({"path": str(path), **result})
             else:
-                rows.append({"path": str(path), **predictor.predict_source(path)})
+                report(error)
+    for path in files if series else ():
+        try:
+            with series_source(path) as source:
+                rows.append({"path": str(path), **_predict_series(predictor, source, path, montage, names)})
         except ChestDxError as err:
-            failed += 1
-            err_console.print(f"error: {err}", highlight=False, markup=False, soft_wrap=True)
+            report(err)
     if out:
         _write_predictions(rows, out)
         console.print(f"{len(rows)} prediction(s) written to {out}")

@@ -39,7 +39,7 @@ log = logging.getLogger("chestdx.export")
 
 METADATA_KEYS = ("registry_name", "model_kwargs", "heads", "primary", "classes", "sample", "spatial_dims", "modality",
                  "preprocess", "tta", "tta_scales", "thresholds", "validation", "data_fingerprint", "best_epoch",
-                 "input_reference")
+                 "input_reference", "calibration")
 ONNX_FORMAT = "chestdx-onnx-v2"
 
 
@@ -114,7 +114,8 @@ def export_onnx(bundle_path, out_path=None, opset: int = 17, with_features: bool
     shape = input_shape(bundle)
     example = torch.zeros(*shape)
     meta = {"format": ONNX_FORMAT, "input": {"name": "image", "shape": [None, *shape[1:]]},
-            **{k: bundle[k] for k in METADATA_KEYS if k in bundle}, "source": Path(bundle_path).name}
+            **{k: bundle[k] for k in METADATA_KEYS if k in bundle}, "source": Path(bundle_path).name,
+            "source_sha256": file_sha256(bundle_path)}
     spec, why = None, "a model exported in parts"
     if with_features is not False and not hasattr(model, "export_parts"):
         heads = ordered_heads(heads_from(bundle), bundle.get("primary"))  # the explainer's score columns
@@ -241,6 +242,30 @@ def _load_cam_spec(meta: dict, onnx_path: Path) -> dict | None:
     except (ChestDxError, OSError, ValueError, KeyError) as err:
         log.warning("%s: closed-form CAM unavailable (%s)", onnx_path, err)
         return None
+
+
+def file_sha256(path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def current_export(bundle_path) -> Path | None:
+    """`<bundle>.onnx` when it was exported from this very bundle file (its metadata records the
+    bundle's SHA-256), else None: a stale export must never answer for a retrained model."""
+    bundle_path = Path(bundle_path)
+    onnx_path = bundle_path.with_suffix(".onnx")
+    try:
+        meta = json.loads(metadata_path(onnx_path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not onnx_path.is_file() or not isinstance(meta, dict) or meta.get("format") != ONNX_FORMAT:
+        return None
+    return onnx_path if meta.get("source_sha256") == file_sha256(bundle_path) else None
 
 
 def load_onnx(onnx_path, threads: int | None = None) -> tuple[OnnxModel, dict]:

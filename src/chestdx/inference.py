@@ -10,7 +10,7 @@ import torch
 
 from chestdx.data.io import read_image
 from chestdx.data.transforms import build_pipeline, tta_views
-from chestdx.errors import InputError
+from chestdx.errors import ChestDxError, InputError
 from chestdx.explain.core import ordered_heads
 from chestdx.models.bundle import load_bundle, primary_head, thresholds
 from chestdx.tasks import heads_from
@@ -46,6 +46,9 @@ class Predictor:
         self.modality = self.bundle.get("modality")
         self.input_reference = self.bundle.get("input_reference")  # training images' statistics, if recorded
         self.tta_scales = [float(s) for s in self.bundle.get("tta_scales", [1.0])]
+        # Temperature fitted on validation (chestdx.evaluate.calibration); bundles without one: T = 1.
+        calibration = self.bundle.get("calibration") or {}
+        self.temperature = {calibration["head"]: float(calibration["temperature"])} if calibration else {}
 
     @property
     def takes_series(self) -> bool:
@@ -89,10 +92,17 @@ class Predictor:
                 boxes = out["boxes"].numpy()
             for h in self.heads:
                 per_head[h.name].append(h.kind.probabilities(out[h.output]))
-        probs = {name: torch.stack(p).mean(0).numpy() for name, p in per_head.items()}
+        probs = self.calibrated({name: torch.stack(p).mean(0).numpy() for name, p in per_head.items()})
         if features:
             return probs, boxes, first
         return (probs, boxes) if with_boxes else probs
+
+    def calibrated(self, probs: dict) -> dict:
+        """Each head's probabilities with the bundle's validation temperature applied where it has one."""
+        from chestdx.evaluate.calibration import apply_temperature
+
+        return {name: apply_temperature(p, self.temperature[name]) if name in self.temperature else p
+                for name, p in probs.items()}
 
     def predict_source(self, source, name: str | None = None) -> dict:
         if self.sample == "sequence":
@@ -105,6 +115,32 @@ class Predictor:
         self.check_input(image)
         out = self.predict_tensor(self.preprocess(image.to_gray()))
         return self.describe({k: v[0] for k, v in out.items()})
+
+    def predict_files(self, paths, batch_size: int = 32, workers: int = 0):
+        """Yield (path, result or None, error message or None) for image files, in order: decoded and
+        checked in `workers` processes, predicted in batches (the same result as `predict_source`)."""
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(_FileInputs(list(paths), self), batch_size=None, num_workers=workers,
+                            collate_fn=lambda item: item, worker_init_fn=single_threaded_worker)
+        pending = []
+
+        def flush():
+            ready = [k for k, (_, x, _) in enumerate(pending) if x is not None]
+            results = [None] * len(pending)
+            if ready:
+                out = self.predict_tensor(torch.cat([pending[k][1] for k in ready]))
+                for j, k in enumerate(ready):
+                    results[k] = self.describe({name: v[j] for name, v in out.items()})
+            batch = [(path, result, error) for (path, _, error), result in zip(pending, results)]
+            pending.clear()
+            return batch
+
+        for path, x, error in loader:
+            pending.append((path, x, error))
+            if len(pending) >= batch_size:
+                yield from flush()
+        yield from flush()
 
     def check_input(self, image) -> None:
         """Refuse (InputError) an image this model does not read: blank, a photograph, another modality,
@@ -128,7 +164,7 @@ class Predictor:
         with torch.no_grad():
             out = self.model(x)
         probs = self.predict_tensor(x) if self.tta else \
-            {h.name: h.kind.probabilities(out[h.output]).numpy() for h in self.heads}
+            self.calibrated({h.name: h.kind.probabilities(out[h.output]).numpy() for h in self.heads})
         return out, self.describe({k: v[0] for k, v in probs.items()})
 
     def predict_series(self, source) -> tuple[dict, np.ndarray, torch.Tensor]:
@@ -231,3 +267,56 @@ def expand_inputs(inputs, series: bool = False) -> list[Path]:
         else:
             files.append(item)
     return files
+
+
+def single_threaded_worker(_worker_id=None) -> None:
+    """A decoding worker uses one thread (OpenCV, torch): the model's forward pass in the main
+    process has the cores; otherwise their thread pools fight over them (seen: sys time > user time)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+class _FileInputs:
+    """Image files as model inputs (1, C, H, W), read and checked as `Predictor.predict_source` does;
+    a file that cannot be used gives its error message instead (DataLoader workers, picklable)."""
+
+    def __init__(self, paths, predictor: Predictor):
+        self.paths, self.hu_window = paths, predictor.hu_window
+        self.reference, self.modality = predictor.input_reference, predictor.modality
+        self.load, self.sample = predictor.load_steps, predictor.sample_steps
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from chestdx.data.input_check import check_input
+
+        path = self.paths[i]
+        try:
+            image = read_image(path, hu_window=self.hu_window)
+            if image.meta.get("frames", 1) > 1:
+                raise InputError(path, f"{image.meta['frames']}-frame DICOM given to a 2D model; send one slice")
+            check_input(image, self.reference, self.modality)
+            shown = self.load({"image": image.to_gray()[None]})["image"]
+            x = np.ascontiguousarray(self.sample({"image": shown})["image"])
+            return path, torch.from_numpy(x)[None], None
+        except ChestDxError as err:  # InputError and the pipeline's own refusals
+            return path, None, str(err)
+
+
+def predictor_for(bundle_path, backend: str = "auto", threads: int | None = None) -> Predictor:
+    """A Predictor on ONNX Runtime when `backend` is onnx, or auto and a current export of the bundle
+    lies beside it (`chestdx export`; chestdx.export.current_export); on PyTorch otherwise."""
+    from chestdx.errors import ChestDxError
+    from chestdx.export import current_export
+
+    path = Path(bundle_path)
+    if backend not in ("auto", "onnx", "pytorch"):
+        raise ChestDxError(f"--backend {backend!r}: use auto, onnx or pytorch")
+    if path.suffix == ".onnx" or backend == "pytorch":
+        return Predictor(path, threads=threads)
+    export = current_export(path)
+    if export is None and backend == "onnx":
+        raise ChestDxError(f"{path}: no current ONNX export beside it; run chestdx export {path}")
+    return Predictor(export or path, threads=threads)

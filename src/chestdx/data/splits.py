@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from chestdx.errors import DataLeakageError
+from chestdx.errors import ChestDxError, DataLeakageError
 
 
 def check_no_leakage(patients, splits) -> None:
@@ -61,4 +61,30 @@ def train_val_test_split(labels, patients, val: float = 0.15, test: float = 0.25
     _, val_rel = stratified_group_kfold(labels[rest], patients[rest], n_splits=n_val, seed=seed)[0]
     out[rest[val_rel]] = "val"
     check_no_leakage(patients, out)
+    return out
+
+
+def leave_source_out_tags(labels, patients, sources, val: float = 0.2, seed: int = 0) -> dict:
+    """Per source S, a split tag per row: every row of S is `test`; of the other sources' rows a
+    patient-level stratified share `val` (by label and source) selects, the rest trains. The
+    honest estimate when no external set exists: the model never sees the tested source's
+    hospital, scanner or file habits. A patient found in two sources is refused (it would leak)."""
+    labels, sources = np.asarray(labels, dtype=str), np.asarray(sources, dtype=str)
+    patients = np.asarray(patients, dtype=str)
+    shared = {p for p in set(patients) if len(set(sources[patients == p])) > 1}
+    if shared:
+        raise ChestDxError(f"patients in more than one source ({', '.join(sorted(shared)[:3])}): leave-one-source-"
+                           f"out would train and test on one patient")
+    out = {}
+    for source in sorted(set(sources)):
+        tags = np.full(len(labels), "test", dtype=object)
+        rest = np.flatnonzero(sources != source)
+        if len(rest) == 0:
+            raise ChestDxError(f"only one source ({source}): nothing left to train on")
+        tags[rest] = "train"
+        strata = np.char.add(np.char.add(labels[rest], "/"), sources[rest])
+        _, val_rel = stratified_group_kfold(strata, patients[rest], n_splits=max(2, round(1 / val)), seed=seed)[0]
+        tags[rest[val_rel]] = "val"
+        check_no_leakage(patients, tags)
+        out[source] = tags
     return out

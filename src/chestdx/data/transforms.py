@@ -173,6 +173,35 @@ class Resize:
                          for r, c in zip(resized, x)])
 
 
+class LungMask:
+    """Everything outside the lungs set to 0 (`chestdx.explain.lungs.ct_lung_mask`, classical, the
+    mask closed by `dilate` px at 256 px so pleural lesions stay in), slice by slice; a slice whose
+    lungs cover under `min_fraction` of it is left as it is (no lungs found: not blanked). Image only. 2D."""
+
+    def __init__(self, min_fraction: float = 0.02, dilate: int = 5, spatial_dims: int = 2, keys=("image",)):
+        self.spatial_dims = _only_2d("LungMask", spatial_dims, "the lung mask is found slice by slice")
+        self.min_fraction, self.dilate, self.keys = float(min_fraction), int(dilate), tuple(keys)
+
+    def mask(self, gray: np.ndarray) -> np.ndarray | None:
+        from chestdx.explain.lungs import ct_lung_mask
+
+        mask = ct_lung_mask(gray)
+        if mask.mean() < self.min_fraction:
+            return None
+        radius = max(1, round(self.dilate * max(gray.shape) / 256))
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+        return cv2.dilate(mask.astype(np.uint8), kernel) > 0
+
+    def __call__(self, sample, rng=None):
+        _spatial_fields(sample, self.keys, 2, "LungMask")
+        out = dict(sample)
+        masks = [self.mask(c) for c in sample["image"]]
+        for k in (k for k in self.keys if k in sample):
+            out[k] = np.stack([c if m is None else np.where(m, c, 0) for c, m in zip(sample[k], masks)]) \
+                .astype(sample[k].dtype)
+        return out
+
+
 class LungCrop:
     """The paper's lung box (ResNet50-ATT2, Sec. II-A): each slice cropped to the bounding box of its lungs
     (`chestdx.explain.lungs.ct_lung_mask`, classical), widened by `margin` of the box on each side, and
@@ -516,6 +545,8 @@ def build_pipeline(pre: dict, train: bool, aug: dict | None = None,
     if pre.get("window") is not None:
         center, width = pre["window"]
         load.append(Window(center, width))
+    if pre.get("lung_mask") and sd == 2:  # volumes are masked in 3D by their reader (VolumeReader)
+        load.append(LungMask(spatial_dims=sd))
     if pre.get("lung_crop"):
         load.append(LungCrop(spatial_dims=sd))
     load.append(Resize(pre.get("size", 224), keep_aspect=pre.get("resize", "pad") == "pad", spatial_dims=sd))

@@ -49,3 +49,23 @@ def plot_confusion(y_true, y_pred, classes, path, title="Confusion matrix") -> N
     ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
            xlabel="predicted", ylabel="true", title=title)
     _save(fig, path)
+
+
+def plot_reliability(curves: dict, path, title="Reliability") -> None:
+    """curves: label -> (y_true, prob); observed frequency against claimed confidence per bin
+    (chestdx.evaluate.calibration.reliability_bins), marker area by the bin's count, ECE in the legend."""
+    from chestdx.evaluate.calibration import expected_calibration_error, reliability_bins
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=0.8, label="perfectly calibrated")
+    for label, (y, p) in curves.items():
+        r = reliability_bins(y, p)
+        size = 12 + 120 * r["count"] / max(1, r["count"].max())
+        line, = ax.plot(r["confidence"], r["frequency"], "-", lw=1,
+                        label=f"{label} (ECE {expected_calibration_error(y, p):.3f})")
+        ax.scatter(r["confidence"], r["frequency"], s=size, color=line.get_color(), alpha=0.7)
+    binary = all(np.asarray(p).ndim == 1 for _, p in curves.values())
+    ax.set(xlabel="predicted probability of the positive class" if binary else "confidence of the top class",
+           ylabel="observed frequency" if binary else "accuracy", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="upper left", fontsize=8)
+    _save(fig, path)

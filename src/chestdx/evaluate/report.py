@@ -55,10 +55,18 @@ def report_markdown(metrics: dict, config: dict) -> str:
         if "auc_trained_with_jpeg_aug" in sp:
             lines.append(f"- test AUC of a model trained with random JPEG re-compression: "
                          f"{sp['auc_trained_with_jpeg_aug']:.3f}")
-    lines += ["", "## Figures", "", "![ROC](roc.png) ![Precision-recall](pr.png) ![Confusion](confusion.png)", "",
+    t = test["at_0.5"]
+    lines += trust_section(metrics, t["auc"], f"AUC {_ci_text(t, 'auc')} on {metrics['n_test']} images")
+    lines += ["", "## Figures", "", "![ROC](roc.png) ![Precision-recall](pr.png) ![Confusion](confusion.png) "
+              "![Reliability](reliability.png)", "",
               "Per-image predictions: `predictions_test.csv`; all numbers: `metrics.json`.", "",
               "Research use only; not for diagnosis."]
     return "\n".join(lines) + "\n"
+
+
+def _ci_text(values: dict, key: str) -> str:
+    ci = values.get(f"{key}_ci")
+    return f"{values[key]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and ci[0] is not None else "")
 
 
 MULTICLASS_ROWS = ("accuracy", "macro_sensitivity", "macro_specificity", "macro_f1", "macro_auc")
@@ -99,7 +107,11 @@ def report_multiclass_markdown(metrics: dict, config: dict) -> str:
         for source, s in metrics["test_by_source"].items():
             recalls = ", ".join(f"{k} {100 * v['recall']:.0f}% (n={v['n']})" for k, v in s["by_class"].items())
             lines.append(f"| {source} | {s['n']} | {100 * s['accuracy']:.1f} | {recalls} |")
-    lines += ["", "## Figures", "", "![ROC](roc.png) ![Precision-recall](pr.png) ![Confusion](confusion.png)", "",
+    macro = test.get("macro_auc")
+    lines += trust_section(metrics, macro, f"accuracy {_ci_text(test, 'accuracy')}, macro AUC {_ci_text(test, 'macro_auc')} "
+                                          f"on {metrics['n_test']} images")
+    lines += ["", "## Figures", "", "![ROC](roc.png) ![Precision-recall](pr.png) ![Confusion](confusion.png) "
+              "![Reliability](reliability.png)", "",
               "Per-image predictions: `predictions_test.csv`; all numbers: `metrics.json`.", "",
               "Research use only; not for diagnosis."]
     return "\n".join(lines) + "\n"
@@ -165,6 +177,112 @@ def _averaged(metrics: dict, test: dict) -> str:
 
 def _pct(value) -> str:
     return "-" if value is None or value != value else f"{100 * value:.1f}"
+
+
+def verdict(internal: float | None, external: list, jpeg_drop: float | None = None, ece: float | None = None) -> str:
+    """One line that does not oversell: what the measurements support, worst case first."""
+    if not external:
+        line = (f"Internal test only (AUC {internal:.2f}): no evidence yet that it holds at another hospital."
+                if internal is not None else "Internal test only: no evidence yet that it holds at another hospital.")
+    else:
+        worst = min(external, key=lambda e: e["auc"])
+        low = (worst.get("auc_ci") or [worst["auc"]])[0]
+        if worst["auc"] < 0.6 or low < 0.5:
+            line = (f"Does not hold outside its training sources ({worst['name']}: AUC {worst['auc']:.2f}, CI from "
+                    f"{low:.2f}): research use only.")
+        elif internal is not None and internal - worst["auc"] > 0.1:
+            line = (f"Weaker outside its training sources (internal {internal:.2f}, {worst['name']} "
+                    f"{worst['auc']:.2f}): check on local data before any use.")
+        else:
+            line = (f"Holds on the external set(s) measured (worst {worst['name']}: AUC {worst['auc']:.2f}); "
+                    f"the sets are small, so still research use only.")
+    if jpeg_drop is not None and jpeg_drop > 0.05:
+        line += f" It keys partly on file format (AUC -{jpeg_drop:.2f} when all images are JPEG)."
+    if ece is not None and ece > 0.1:
+        line += f" Its probabilities are not calibrated (ECE {ece:.2f})."
+    return line
+
+
+def trust_section(metrics: dict, internal: float | None, internal_text: str) -> list[str]:
+    """Internal test, external tests, calibration, shortcut probe, attention, and the verdict."""
+    external = metrics.get("external_results") or []
+    cal = metrics.get("calibration") or {}
+    probe = metrics.get("shortcut_probe") or {}
+    drop = probe["auc_original"] - probe["auc_all_jpeg"] if probe else None
+    lines = ["", "## Trust", "", f"- Internal test: {internal_text}."]
+    if external:
+        lines += [f"- External, {e['name']}: AUC {e['auc']:.3f}" + (f" [{e['auc_ci'][0]:.3f}, {e['auc_ci'][1]:.3f}]"
+                                                                   if e.get("auc_ci") else "") for e in external]
+    else:
+        lines.append("- External test: none measured. Run `chestdx evaluate --manifest` on a set from another "
+                     "hospital before trusting this model there.")
+    if "test" in cal:
+        t = cal.get("temperature")
+        lines.append(f"- Calibration on the test split: ECE {cal['test']['ece']:.3f}, Brier {cal['test']['brier']:.3f}"
+                     + (f" (temperature {t:.2f} fitted on validation)." if t else " (no temperature fitted)."))
+    if probe:
+        lines.append(f"- JPEG shortcut probe: AUC {probe['auc_original']:.3f} as stored, {probe['auc_all_jpeg']:.3f} "
+                     f"with every image JPEG.")
+    if metrics.get("attention_in_lungs") is not None:
+        lines.append(f"- Share of attention inside the lungs: {metrics['attention_in_lungs']:.2f}.")
+    else:
+        lines.append("- Share of attention inside the lungs: see `chestdx explain` (its gallery scores each map).")
+    lines += ["", f"**Verdict:** {verdict(internal, external, drop, cal.get('test', {}).get('ece'))}"]
+    return lines
+
+
+def _auc_cell(entry: dict | None) -> str:
+    if not entry or entry.get("auc") is None:
+        return "-" if not entry else entry.get("why", "-")
+    ci = entry.get("auc_ci") or [float("nan")] * 2
+    return f"{entry['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] (n {entry['n']}, {entry['n_positive']} positive)"
+
+
+def external_report_markdown(metrics: dict, figures=()) -> str:
+    """The external report: what was scored and how, slice / series / patient AUCs with CIs, calibration."""
+    agg = metrics["aggregation"]
+    lines = [f"# External evaluation: {metrics['model']} on {metrics['manifest']}", "",
+             f"**This is {metrics['statement']}.** Model trained on {metrics.get('trained_on') or '?'}; "
+             f"positive class `{metrics['positive']}`; labels mapped {metrics['label_map']}; backend "
+             f"{metrics['backend']}. 95% CIs by bootstrap over patients.", "",
+             f"Slice rule: {metrics['slice_rule']}. Series score: `{agg['used']}` of the slice probabilities "
+             f"(top-k k = {agg['top_k']}); patient: {agg['patient']}.", ""]
+    if "slices" in metrics:
+        lines += ["## Slices (or images)", "", "| positives against | AUC [95% CI] |", "| --- | --- |"]
+        lines += [f"| {k.replace('vs_', '').replace('_', ' ')} | {_auc_cell(v)} |" for k, v in metrics["slices"].items()
+                  if k == "all_negatives" or k.startswith("vs_")]
+        cal = metrics["slices"].get("calibration")
+        if cal:
+            lines += ["", f"Calibration of the slice probabilities: ECE {cal['ece']:.3f}, Brier {cal['brier']:.3f}."]
+        by_source = metrics["slices"].get("by_source") or {}
+        if len(by_source) > 1:
+            lines += ["", "Per source:", ""] + [f"- {s}: {_auc_cell(v)}" for s, v in by_source.items()]
+    if "series" in metrics:
+        lines += ["", "## Series", "", "| aggregation | AUC [95% CI] |", "| --- | --- |"]
+        lines += [f"| {how}{' (used)' if how == agg['used'] else ''} | {_auc_cell(v['all_negatives'])} |"
+                  for how, v in metrics["series"].items()]
+        lines += ["", "| series | label | slices | mean | max | top-k |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['series']} | {r['label']} | {r['n_slices']} | {r['mean']:.3f} | {r['max']:.3f} | "
+                  f"{r['topk']:.3f} |" for r in metrics["series_rows"]]
+        lines += ["", f"Patients ({metrics['patients']['n']}): AUC {_auc_cell(metrics['patients']['all_negatives'])}."]
+    main = (metrics.get("slices") or {}).get("all_negatives") or {}
+    if main.get("auc") is not None:
+        lines += ["", f"**Verdict:** {verdict(None, [{'name': 'this external set', **main}], None, (metrics['slices'].get('calibration') or {}).get('ece'))}"]
+    if metrics["errors"]:
+        lines += ["", f"## Not scored ({len(metrics['errors'])})", ""]
+        lines += [f"- {e['path']}: {e['error']}" for e in metrics["errors"]]
+    if figures:
+        lines += ["", "## Figures", "", " ".join(f"![{f[:-4]}]({f})" for f in figures)]
+    lines += ["", "Per-slice and per-series predictions: `predictions_slices.csv`, `predictions_series.csv`; "
+                  "all numbers: `metrics.json`.", "", "Research use only; not for diagnosis."]
+    return "\n".join(lines) + "\n"
+
+
+def write_external_report(metrics: dict, out_dir, figures=()) -> None:
+    out_dir = Path(out_dir)
+    md = external_report_markdown(metrics, figures)
+    write_text_atomic(out_dir / "report.md", md)
+    write_text_atomic(out_dir / "report.html", markdown_to_html(md))
 
 
 REPORTS = {"binary": report_markdown, "multiclass": report_multiclass_markdown, "multilabel": report_multilabel_markdown}

@@ -16,6 +16,7 @@ from chestdx.evaluate.metrics import (evaluate_binary, evaluate_multiclass, eval
                                      multiclass_metrics, precision_recall_f1)
 from chestdx.evaluate.plots import plot_confusion, plot_pr, plot_roc
 from chestdx.evaluate.report import write_report
+from chestdx.errors import ChestDxError
 from chestdx.inference import Predictor
 from chestdx.utils import atomic_path, write_json_atomic
 
@@ -41,6 +42,37 @@ def predict_split(predictor: Predictor, manifest, extra_load_steps=(), batch_siz
     }
     out["prob"], (out["y"], out["known"]) = out["probs"][primary], out["targets"][primary]
     return out
+
+
+def calibrate_bundle(bundle_path, dataset: str | None = None, manifest=None) -> dict:
+    """Fit the primary head's temperature on the validation split and store it in the bundle (for a
+    bundle trained before training did this itself); the operating thresholds move with it, so every
+    decision stays what it was. Returns the bundle's calibration entry."""
+    import torch
+
+    from chestdx.evaluate.calibration import apply_temperature
+    from chestdx.models.bundle import save_bundle
+    from chestdx.train.run import fit_calibration
+
+    predictor = Predictor(bundle_path)
+    if predictor.backend != "pytorch" or predictor.primary.task == "multilabel":
+        raise ChestDxError(f"{bundle_path}: calibration is fitted on a .pt bundle with a binary or multi-class "
+                           f"primary head")
+    info = get_dataset(dataset or predictor.bundle["config"]["dataset"])
+    manifest = manifest if manifest is not None else info.manifest()
+    predictor.temperature = {}  # fit on the raw probabilities, even when the bundle has a temperature
+    val = predict_split(predictor, manifest.subset("val"))
+    calibration = {"head": predictor.primary.name, **fit_calibration(val["y"], val["prob"], val["known"])}
+    bundle = torch.load(bundle_path, map_location="cpu", weights_only=False)
+    old = (bundle.get("calibration") or {}).get("temperature", 1.0)
+    t = bundle.get("thresholds", {}).get(predictor.primary.name)
+    if t and predictor.primary.task == "binary":  # a threshold on the old scale -> the same decision on the new
+        raw = apply_temperature(np.asarray(t, dtype=float), 1 / old)
+        bundle["thresholds"][predictor.primary.name] = [float(v) for v in
+                                                        apply_temperature(raw, calibration["temperature"])]
+    bundle["calibration"] = calibration
+    save_bundle(bundle, bundle_path)
+    return calibration
 
 
 class JPEGRecode:
@@ -89,6 +121,7 @@ def evaluate_bundle(bundle_path, out_dir, dataset: str | None = None, n_boot: in
         "test": evaluate_binary(test["y"], test["prob"], test["patients"], threshold, n_boot=n_boot),
         "test_precision_recall_f1": precision_recall_f1(test["y"], test["prob"] >= threshold, bundle["classes"]),
     }
+    metrics["calibration"] = calibration_report(predictor, val, test, out_dir)
     for head in predictor.heads:  # auxiliary multi-label heads (LA-DNN's lesions)
         if head.name != predictor.primary.name and head.task == "multilabel":
             y, known = test["targets"][head.name]
@@ -129,6 +162,7 @@ def _evaluate_multiclass(predictor: Predictor, info, splits: dict, out_dir: Path
         "validation": multiclass_metrics(val["y"], val["prob"], classes),
         "test": evaluate_multiclass(test["y"], test["prob"], test["patients"], classes, n_boot=n_boot),
     }
+    metrics["calibration"] = calibration_report(predictor, val, test, out_dir)
     if test["sources"] is not None:
         metrics["test_by_source"] = per_source(test, classes)
     curves = {f"{name} vs rest": (test["y"] == k, test["prob"][:, k]) for k, name in enumerate(classes)}
@@ -147,6 +181,21 @@ def _evaluate_multiclass(predictor: Predictor, info, splits: dict, out_dir: Path
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_report(metrics, bundle["config"], out_dir)
     return metrics
+
+
+def calibration_report(predictor: Predictor, val: dict, test: dict, out_dir: Path) -> dict:
+    """ECE, Brier score and NLL on validation and test with the bundle's temperature (if any), and the
+    reliability diagram (reliability.png)."""
+    from chestdx.evaluate.calibration import calibration_summary
+    from chestdx.evaluate.plots import plot_reliability
+
+    curves = {}
+    for name, split in (("validation", val), ("test", test)):
+        known = np.asarray(split["known"]).reshape(len(split["y"]), -1).all(1)
+        curves[name] = (np.asarray(split["y"])[known], np.asarray(split["prob"])[known])
+    plot_reliability(curves, out_dir / "reliability.png", title="Reliability")
+    return {"temperature": predictor.temperature.get(predictor.primary.name),
+            **{name: calibration_summary(y, p) for name, (y, p) in curves.items()}}
 
 
 def per_source(split: dict, classes) -> dict:

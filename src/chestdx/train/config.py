@@ -263,7 +263,8 @@ SECTIONS: dict[str, dict[str, Key]] = {
         "lung_crop": Key(False, BOOL, doc="crop each slice to its lung box (classical lung mask), as ResNet50-ATT2"),
         "spacing": Key(None, Nullable(ListOf(Number(above=0), 3, what="three spacings in mm (slice axis first)")),
                        doc="volumes: resample to this voxel spacing (mm, slice axis first) before fitting to `size`"),
-        "lung_mask": Key(False, BOOL, doc="volumes: zero everything outside the lungs (classical 3D lung mask)"),
+        "lung_mask": Key(False, BOOL, doc="zero everything outside the lungs (classical lung mask: 2D slice by "
+                                          "slice, volumes in 3D)"),
         "hu_window": Key(None, Nullable(ListOf(NUMBER, 2, what="a [center, width] pair of numbers")),
                          doc="CT window [center, width] for HU input (DICOM CT images and series) instead of "
                              "the file's VOI window; PNG/JPEG, already in [0, 1], pass unchanged"),

@@ -19,7 +19,7 @@ import pandas as pd
 
 from chestdx.data.datasets import get_dataset
 from chestdx.data.manifest import Manifest
-from chestdx.data.splits import kfold_split_tags
+from chestdx.data.splits import kfold_split_tags, leave_source_out_tags
 from chestdx.errors import ChestDxError
 from chestdx.models import get_entry
 from chestdx.evaluate.run import evaluate_bundle
@@ -79,6 +79,46 @@ def cross_validate(cfg: dict, run_dir, n_folds: int, progress: bool = True, n_bo
         summary["mean"][key] = float(values.mean())
         summary["sd"][key] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
     write_json_atomic(run_dir / "cv_summary.json", summary)
+    return summary
+
+
+def source_out_manifests(manifest: Manifest, column: str = "source", seed: int = 0) -> dict:
+    """{source: the manifest with its split column set so that source is the test split}."""
+    frame = manifest.frame
+    if column not in frame.columns:
+        raise ChestDxError(f"leave-one-source-out needs a '{column}' column in the manifest")
+    tags = leave_source_out_tags(frame[manifest.label_column].astype(str), frame["patient_id"], frame[column],
+                                 seed=seed)
+    return {source: Manifest(frame.assign(split=t), manifest.root, manifest.label_column, manifest.classes,
+                             manifest.extra_labels) for source, t in tags.items()}
+
+
+def leave_source_out(cfg: dict, run_dir, column: str = "source", progress: bool = True, n_boot: int = 200,
+                     only=None) -> dict:
+    """Train without each source and test on it, in `<run_dir>/without_<source>`; resumable like the folds.
+    Returns and writes `<run_dir>/source_out_summary.json` with each held-out source's test metrics."""
+    run_dir = Path(run_dir)
+    manifest = get_dataset(cfg["dataset"]).manifest()
+    summary = {"config": cfg["name"], "dataset": cfg["dataset"], "column": column, "sources": {}}
+    for source, held_out in source_out_manifests(manifest, column, seed=int(cfg["train"]["seed"])).items():
+        if only and source not in only:
+            continue
+        fold_dir = run_dir / f"without_{source}"
+        fold_cfg = prepare_config(copy.deepcopy(cfg))
+        runfolder.check(fold_dir, fold_cfg, split_manifests(fold_cfg, held_out)[1])
+        done = fold_dir / "eval" / "metrics.json"
+        if done.is_file() and runfolder.finished(fold_dir, fold_cfg):
+            metrics = json.loads(done.read_text())
+        else:
+            model_path = fit(fold_cfg, fold_dir, progress, manifest=held_out)
+            if not is_main_process():
+                continue
+            metrics = evaluate_bundle(model_path, fold_dir / "eval", n_boot=n_boot, shortcut_probe=False,
+                                      manifest=held_out)
+        summary["sources"][source] = {"n_test": metrics["n_test"], "test": metrics["test"],
+                                      "train_sources": sorted(set(held_out.frame[column]) - {source})}
+    if is_main_process():
+        write_json_atomic(run_dir / "source_out_summary.json", summary)
     return summary
 
 

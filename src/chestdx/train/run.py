@@ -27,6 +27,7 @@ from chestdx.data.dataset import ManifestDataset, reader_for
 from chestdx.data.datasets import get_dataset
 from chestdx.data.transforms import build_pipeline, tta_views
 from chestdx.errors import ChestDxError
+from chestdx.evaluate.calibration import apply_temperature, calibration_summary, fit_temperature
 from chestdx.models import get_entry
 from chestdx.models.backbones import input_normalisation
 from chestdx.models.bundle import load_bundle, make_bundle, save_bundle
@@ -256,6 +257,8 @@ def write_bundle(bundle: dict, val_metrics: dict, run_dir: Path, train_set=None)
     multi-label head), the input reference of its training images (what `check_input` compares a
     new image with before it gets a probability), and its summary without the weights."""
     bundle["thresholds"] = val_metrics.get("thresholds", {})
+    if "calibration" in val_metrics:
+        bundle["calibration"] = val_metrics["calibration"]
     manifest = getattr(train_set, "manifest", None)
     if bundle.get("sample", "image") == "image" and manifest is not None and len(manifest) >= MIN_REFERENCE_IMAGES:
         from chestdx.data.input_check import REFERENCE_KEY, fit_manifest_reference
@@ -285,10 +288,15 @@ def validation_summary(model, heads, loader, evaluate: dict, primary: str) -> di
         for h in heads:
             probs[h.name].append(torch.stack([h.kind.probabilities(o[h.output]) for o in outs]).mean(0))
     data = loader.dataset
-    thresholds, summary, by_head = {}, {}, {}
+    thresholds, summary, by_head, calibration = {}, {}, {}, None
     for h in heads:
         p = torch.cat(probs[h.name]).numpy()
         y, known = data.head_arrays(h.name)
+        if h.name == primary and h.task != "multilabel":
+            # Temperature scaling of the primary head on validation; thresholds are then chosen on
+            # the calibrated probabilities, the ones a user sees (T is monotone: AUC unchanged).
+            calibration = fit_calibration(y, p, known)
+            p = apply_temperature(p, calibration["temperature"])
         if h.task != "multiclass":
             thresholds[h.name] = h.kind.choose_thresholds(y, p, known)
         by_head[h.name] = h.score(y, p, known)
@@ -299,7 +307,19 @@ def validation_summary(model, heads, loader, evaluate: dict, primary: str) -> di
     if len(heads) > 1:
         summary["auc_by_head"] = by_head
     summary["thresholds"] = thresholds
+    if calibration is not None:
+        summary["calibration"] = {"head": primary, **calibration}
     return summary
+
+
+def fit_calibration(y, prob, known=None) -> dict:
+    """The validation temperature with ECE, Brier score and NLL before and after it."""
+    rows = np.ones(len(y), bool) if known is None else np.asarray(known).reshape(len(y), -1).all(1) > 0
+    y, prob = np.asarray(y)[rows], np.asarray(prob)[rows]
+    temperature = fit_temperature(y, prob)
+    return {"temperature": temperature, "fitted_on": "validation",
+            "validation_before": calibration_summary(y, prob),
+            "validation_after": calibration_summary(y, apply_temperature(prob, temperature))}
 
 
 def _progress_bar():
