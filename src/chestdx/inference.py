@@ -277,6 +277,12 @@ def single_threaded_worker(_worker_id=None) -> None:
     cv2.setNumThreads(1)
 
 
+def model_input(load_steps, sample_steps, gray: np.ndarray) -> np.ndarray:
+    """A (H, W) grey image through a model's load-time and per-sample steps: (C, H', W') float32."""
+    shown = load_steps({"image": gray[None]})["image"]
+    return np.ascontiguousarray(sample_steps({"image": shown})["image"], dtype=np.float32)
+
+
 class _FileInputs:
     """Image files as model inputs (1, C, H, W), read and checked as `Predictor.predict_source` does;
     a file that cannot be used gives its error message instead (DataLoader workers, picklable)."""
@@ -298,9 +304,7 @@ class _FileInputs:
             if image.meta.get("frames", 1) > 1:
                 raise InputError(path, f"{image.meta['frames']}-frame DICOM given to a 2D model; send one slice")
             check_input(image, self.reference, self.modality)
-            shown = self.load({"image": image.to_gray()[None]})["image"]
-            x = np.ascontiguousarray(self.sample({"image": shown})["image"])
-            return path, torch.from_numpy(x)[None], None
+            return path, torch.from_numpy(model_input(self.load, self.sample, image.to_gray()))[None], None
         except ChestDxError as err:  # InputError and the pipeline's own refusals
             return path, None, str(err)
 

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from chestdx.data.transforms import Window
 from chestdx.errors import ChestDxError, InputError
 
 AGGREGATIONS = ("mean", "max", "topk")
@@ -116,8 +117,9 @@ class _SliceInputs(Dataset):
         return len(self.rows)
 
     def _prepare(self, gray: np.ndarray) -> np.ndarray:
-        shown = self.load({"image": gray[None]})["image"]
-        return np.ascontiguousarray(self.sample({"image": shown})["image"], dtype=np.float32)
+        from chestdx.inference import model_input
+
+        return model_input(self.load, self.sample, gray)
 
     def __getitem__(self, i):
         from chestdx.data.io import read_image
@@ -132,10 +134,7 @@ class _SliceInputs(Dataset):
                 vol, hu = self.volumes.volume(source)
             if hu and self.hu_window is None:
                 raise InputError(row.path, "a CT series in Hounsfield units, and the model records no HU window")
-            array = vol.array
-            if hu:
-                c, w = self.hu_window
-                array = np.clip((array - (c - w / 2)) / w, 0.0, 1.0)
+            array = Window(*self.hu_window)({"image": vol.array})["image"] if hu else vol.array
             x = np.stack([self._prepare(s.astype(np.float32)) for s in array])
             files = vol.meta.get("files") or [f"{k:04d}" for k in range(len(x))]
             return {"x": torch.from_numpy(x), "files": list(files), "error": None}
