@@ -86,3 +86,33 @@ def test_cli_rejects_two_folds(tmp_path):
     proc = run(["train", "--config", "configs/ladnn_covidct.yaml", "--folds", "2"], tmp_path, check=False)
     assert proc.returncode != 0 and "at least 3" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_publication_groups_keep_a_paper_and_a_patient_together():
+    from chestdx.data.splits import publication_groups
+
+    paths = ["covid/2020.01.24.919183-p27-132.png", "covid/2020.01.24.919183-p28-140%1.png",  # one preprint
+             "covid/bmj.m606.full-p4-22%0.png",                                              # another paper
+             "covid/2020.02.10.20021584-p6-52.png",  # its patient also appears in bmj.m606: the two join
+             "covid/PIIS0140673620301549_0%1.png", "covid/PIIS0140673620301549_2.png",  # an article id
+             "noncovid/39%3.jpg", "noncovid/40%0.jpg"]  # no paper in the name: the patient's group
+    patients = ["c1", "c2", "c3", "c3", "c4", "c5", "n39", "n40"]
+    groups = publication_groups(paths, patients)
+    assert groups[0] == groups[1] == "2020.01.24.919183"
+    assert groups[2] == groups[3] and groups[2] != groups[0]
+    assert groups[4] == groups[5] == "PIIS0140673620301549"
+    assert groups[6] == "patient:n39" and groups[7] == "patient:n40"
+
+
+def test_publication_folds_never_split_a_preprint_of_covid_ct(covid_ct_dir):
+    from chestdx.data.splits import publication_groups
+
+    manifest = Manifest.from_csv(covid_ct_dir / "manifest.csv")
+    groups = pd.Series(publication_groups(manifest.frame["path"], manifest.frame["patient_id"]))
+    assert 30 < groups[manifest.frame["label"].to_numpy() == "covid"].nunique() < 80  # preprints, not patients
+    for fold in fold_manifests(manifest, 5, group_by="publication"):
+        split = fold.frame["split"].reset_index(drop=True)
+        assert split.groupby(groups).nunique().max() == 1  # a preprint sits in one split only
+        assert fold.frame.groupby("patient_id")["split"].nunique().max() == 1
+    with pytest.raises(ChestDxError, match="--group-by"):
+        fold_manifests(manifest, 5, group_by="hospital")

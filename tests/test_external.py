@@ -122,8 +122,18 @@ def test_a_patient_in_two_sources_is_refused():
         leave_source_out_tags(["a", "b", "a", "b"], ["p1", "p1", "p2", "p3"], ["x", "y", "x", "y"])
 
 
-def test_external_evaluation_of_covid_ct_md_series_slice_by_slice(covid_ct_md_dir, tiny_models_dir, tmp_path):
+def test_external_evaluation_of_covid_ct_md_series_slice_by_slice(covid_ct_md_dir, covid_ct_dir, tiny_models_dir,
+                                                                   tmp_path):
+    import shutil
+
+    from chestdx.data.input_check import add_input_reference, manifest_images
+    from chestdx.data.manifest import Manifest
     from chestdx.evaluate.external import evaluate_external
+
+    model = tmp_path / "model.pt"  # the tiny model with an input reference of 12 covid-ct training images
+    shutil.copy(tiny_models_dir / "ladnn-tiny.pt", model)
+    images, patients = manifest_images(Manifest.from_csv(covid_ct_dir / "manifest.csv"), "train", max_images=12)
+    add_input_reference(model, images, groups=patients)
 
     manifest = pd.read_csv(covid_ct_md_dir / "manifest.csv")
     subset = manifest[manifest["patient_id"].isin(["P002", "normal001", "cap002"])].copy()
@@ -132,7 +142,7 @@ def test_external_evaluation_of_covid_ct_md_series_slice_by_slice(covid_ct_md_di
     slices = pd.read_csv(covid_ct_md_dir / "slices.csv")
     slices["series"] = [str(covid_ct_md_dir / s) for s in slices["series"]]
     slices.to_csv(tmp_path / "slices.csv", index=False)
-    m = evaluate_external(tiny_models_dir / "ladnn-tiny.pt", tmp_path / "external.csv", tmp_path / "out",
+    m = evaluate_external(model, tmp_path / "external.csv", tmp_path / "out",
                           ["cap=noncovid", "normal=noncovid"], tmp_path / "slices.csv", n_boot=50, workers=0,
                           progress=False)
     assert m["external"] and "external set" in m["statement"] and m["errors"] == []
@@ -155,6 +165,31 @@ def test_external_evaluation_of_covid_ct_md_series_slice_by_slice(covid_ct_md_di
         assert (tmp_path / "out" / name).is_file()
     assert "This is an external set" in (tmp_path / "out" / "report.md").read_text()
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["slices"]["vs_cap"]["n"] == 68 + 131
+    # The input check's distance, per slice, as `chestdx predict` measures that slice file on its own.
+    from chestdx.data.input_check import reference_distance
+    from chestdx.data.io import read_image
+    from chestdx.inference import Predictor
+
+    predictor = Predictor(model)
+    first = table[table["series"].str.endswith("normal001")].iloc[0]
+    alone = read_image(covid_ct_md_dir / "images" / "normal" / "normal001" / first["file"],
+                       hu_window=predictor.hu_window)
+    assert first["input_distance"] == pytest.approx(
+        reference_distance(alone, predictor.input_reference)["distance"], rel=1e-3)
+    limit = predictor.input_reference["limit"]
+    assert m["input_distance"]["share_beyond_limit"] == pytest.approx((table["input_distance"] > limit).mean())
+    # Heat maps on 24 positive and 24 negative slices, each scored by its share inside the lungs.
+    att = m["attention"]
+    assert att["n"] + att["no_lungs_found"] + att["empty_maps"] == 48
+    # The untrained model's maps for covid are all zero (counted, left out); its noncovid maps are not.
+    from chestdx.evaluate.external import attention_in_lungs, label_mapping, read_external_manifest
+
+    classes = ["noncovid", "covid"]
+    rows = read_external_manifest(tmp_path / "external.csv", classes,
+                                  label_mapping(["cap=noncovid", "normal=noncovid"], classes))
+    att = attention_in_lungs(predictor, rows, table, "noncovid", 4)
+    assert att["n"] + att["no_lungs_found"] + att["empty_maps"] == 8 and att["n"] > 0
+    assert 0 < att["share_in_lungs"] < 1 and 0 < att["lung_area_share"] < 1
 
 
 def test_external_manifest_errors_name_the_file_and_the_fix(covid_ct_md_dir, tiny_models_dir, tmp_path):
@@ -193,6 +228,12 @@ def test_batched_prediction_equals_one_at_a_time_and_keeps_bad_files_in_place(ti
         one = predictor.predict_source(path)
         assert result["prediction"] == one["prediction"]
         assert result["probabilities"]["covid"] == pytest.approx(one["probabilities"]["covid"], abs=1e-5)
+    # Decoding in worker processes after this process has run forward passes (a forked worker could hang
+    # here): the same answers, in the same order.
+    parallel = list(predictor.predict_files(paths, batch_size=2, workers=2))
+    assert [(p, e is None) for p, _, e in parallel] == [(p, e is None) for p, _, e in out]
+    for (_, a, _), (_, b, _) in zip(parallel, out):
+        assert a is None or a["probabilities"]["covid"] == pytest.approx(b["probabilities"]["covid"], abs=1e-6)
 
 
 def test_onnx_is_used_only_when_the_export_is_of_this_bundle(tiny_models_dir, tmp_path):

@@ -39,6 +39,8 @@ def train(
     evaluate_after: bool = typer.Option(True, "--evaluate/--no-evaluate", help="evaluate on val/test afterwards"),
     folds: int = typer.Option(0, "--folds", min=0, help="K >= 3: patient-level K-fold cross-validation instead of "
                               "the dataset's split (fold k tests, fold k+1 selects); writes cv_summary.json"),
+    group_by: str = typer.Option("patient", "--group-by", help="with --folds: what a fold keeps together: patient, "
+                                 "or publication (figures cut from papers, e.g. covid-ct: one preprint per group)"),
 ):
     """Train a model (resumes from the run folder's last checkpoint if there is one)."""
     from chestdx.train.config import load_config
@@ -47,7 +49,7 @@ def train(
     cfg = load_config(config, set_)
     run_dir = run_dir or Path("runs") / cfg["name"]
     if folds:
-        _cross_validate(cfg, run_dir, folds, install)
+        _cross_validate(cfg, run_dir, folds, install, group_by)
         return
     model_path = fit(cfg, run_dir, progress=sys.stderr.isatty())
     if not is_main_process():  # a DDP worker process: rank 0 reports
@@ -59,15 +61,16 @@ def train(
         _evaluate(model_path, run_dir / "eval", None, cfg["evaluate"]["bootstrap"])
 
 
-def _cross_validate(cfg: dict, run_dir: Path, folds: int, install: bool) -> None:
+def _cross_validate(cfg: dict, run_dir: Path, folds: int, install: bool, group_by: str = "patient") -> None:
     from chestdx.train.cv import cross_validate
 
     if install:
         raise ChestDxError("--install takes a single model; cross-validation trains one per fold")
-    summary = cross_validate(cfg, run_dir, folds, progress=sys.stderr.isatty(), n_boot=cfg["evaluate"]["bootstrap"])
+    summary = cross_validate(cfg, run_dir, folds, progress=sys.stderr.isatty(), n_boot=cfg["evaluate"]["bootstrap"],
+                             group_by=group_by)
     if not summary:  # a DDP worker process: rank 0 reports
         return
-    table = Table(title=f"{cfg['name']}: {folds}-fold cross-validation, test folds, threshold 0.5")
+    table = Table(title=f"{cfg['name']}: {folds}-fold cross-validation by {group_by}, test folds, threshold 0.5")
     metrics = list(summary["mean"])
     for col in ["fold", *metrics]:
         table.add_column(col)
@@ -99,6 +102,8 @@ def evaluate(
     backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime when a current export lies "
                                 "beside the bundle), onnx or pytorch"),
     workers: int = typer.Option(0, "--workers", min=0, help="decoding worker processes (0: in this process)"),
+    attention_slices: int = typer.Option(24, "--attention-slices", min=0, help="with --manifest: heat maps on "
+                                         "this many positive and negative slices, scored inside the lungs (0: none)"),
 ):
     """Evaluate on the dataset's val and test splits, or on an external --manifest; write metrics.json,
     figures and a report."""
@@ -112,7 +117,8 @@ def evaluate(
     from chestdx.evaluate.external import evaluate_external
 
     m = evaluate_external(checkpoint or _default_model(), manifest, out, label_map, slice_labels, slice_label_column,
-                          aggregate, top_k, positive, n_boot=bootstrap, workers=workers, backend=backend)
+                          aggregate, top_k, positive, n_boot=bootstrap, workers=workers,
+                          attention_slices=attention_slices, backend=backend)
     console.print(f"external set ({m['n_rows']} rows, {m['n_images']} images, {m['images_per_second']:.1f} "
                   f"images/s on {m['backend']}): not used in training or model selection")
     for level in ("slices", "patients"):

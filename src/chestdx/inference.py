@@ -119,10 +119,7 @@ class Predictor:
     def predict_files(self, paths, batch_size: int = 32, workers: int = 0):
         """Yield (path, result or None, error message or None) for image files, in order: decoded and
         checked in `workers` processes, predicted in batches (the same result as `predict_source`)."""
-        from torch.utils.data import DataLoader
-
-        loader = DataLoader(_FileInputs(list(paths), self), batch_size=None, num_workers=workers,
-                            collate_fn=lambda item: item, worker_init_fn=single_threaded_worker)
+        loader = decode_loader(_FileInputs(list(paths), self), workers)
         pending = []
 
         def flush():
@@ -275,6 +272,21 @@ def single_threaded_worker(_worker_id=None) -> None:
     import cv2
 
     cv2.setNumThreads(1)
+
+
+def as_is(item):
+    """The DataLoader's collate step for items that are already whole (picklable, for spawned workers)."""
+    return item
+
+
+def decode_loader(dataset, workers: int):
+    """Items of `dataset` decoded in `workers` processes (0: in this one). Workers are spawned, not
+    forked: a fork after this process has run a forward pass inherits the math libraries' thread
+    pools mid-state and can hang."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=as_is,
+                      worker_init_fn=single_threaded_worker, multiprocessing_context="spawn" if workers else None)
 
 
 def model_input(load_steps, sample_steps, gray: np.ndarray) -> np.ndarray:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
@@ -88,3 +91,35 @@ def leave_source_out_tags(labels, patients, sources, val: float = 0.2, seed: int
         check_no_leakage(patients, tags)
         out[source] = tags
     return out
+
+
+# Figures cut from papers are named <paper>-p<page>-<figure...>.<ext> (COVID-CT's Images-processed).
+# or <article id>[_<figure>][%<crop>] (journal articles, e.g. PIIS0140673620301549_0%1).
+_FIGURE_NAME = re.compile(r"^(?P<paper>.+?)-p\d+-|^(?P<article>[A-Za-z][^%_]*)[%_]")
+
+
+def _paper(stem: str) -> str | None:
+    match = _FIGURE_NAME.match(stem)
+    return (match.group("paper") or match.group("article")) if match else None
+
+
+def publication_groups(paths, patients) -> np.ndarray:
+    """A group per row for source-held-out folds on figures from papers: the publication a file comes
+    from (its name up to -p<page>-<figure>), else the row's patient; merged so that no patient is split
+    across two groups (a patient shown in two papers joins them). The honest grouping for covid-ct,
+    whose images of one preprint share a hospital, a scanner and a figure style."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    patients = np.asarray(patients, dtype=str)
+    papers = np.array([_paper(Path(str(p)).stem) or f"patient:{q}" for p, q in zip(paths, patients)])
+    # Rows are joined through their paper and their patient: the connected components are the groups.
+    codes_paper = pd.factorize(papers)[0]
+    codes_patient = pd.factorize(patients)[0] + codes_paper.max() + 1
+    n = int(codes_patient.max()) + 1
+    graph = coo_matrix((np.ones(len(papers)), (codes_paper, codes_patient)), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    names = {}
+    for c, paper in zip(component[codes_paper], papers):
+        names.setdefault(c, paper)  # a group is named by its first row's paper
+    return np.array([names[c] for c in component[codes_paper]], dtype=object)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from chestdx.data.transforms import Window
 from chestdx.errors import ChestDxError, InputError
@@ -110,36 +110,95 @@ class _SliceInputs(Dataset):
         from chestdx.data.dataset import VolumeReader
 
         self.rows, self.load, self.sample = rows, predictor.load_steps, predictor.sample_steps
-        self.hu_window = predictor.hu_window
+        self.hu_window, self.reference = predictor.hu_window, predictor.input_reference
         self.volumes = VolumeReader(hu_window=predictor.hu_window)
 
     def __len__(self):
         return len(self.rows)
 
-    def _prepare(self, gray: np.ndarray) -> np.ndarray:
+    def _distance(self, image) -> float | None:
+        """How far the input lies from the training images (the input check's distance; over its limit
+        `chestdx predict` refuses it). Measured, not enforced: an external set is scored whole."""
+        from chestdx.data.input_check import reference_distance
+
+        return reference_distance(image, self.reference)["distance"] if self.reference else None
+
+    def _prepare(self, gray: np.ndarray) -> np.ndarray:  # (C, H, W): the same steps as `chestdx predict`
         from chestdx.inference import model_input
 
         return model_input(self.load, self.sample, gray)
 
-    def __getitem__(self, i):
+    def grays(self, i) -> tuple[list, list]:
+        """Row i as grey images in [0, 1] (a series: its slices in the model's HU window) and their names;
+        an image stays a `LoadedImage` (the input check measures it as `chestdx predict` would)."""
         from chestdx.data.io import read_image
         from chestdx.inference import series_source
 
         row = self.rows[i]
+        if not is_series(row.path):
+            return [read_image(row.path, hu_window=self.hu_window)], [row.path.name]
+        with series_source(row.path) as source:
+            vol, hu = self.volumes.volume(source)
+        if hu and self.hu_window is None:
+            raise InputError(row.path, "a CT series in Hounsfield units, and the model records no HU window")
+        array = Window(*self.hu_window)({"image": vol.array})["image"] if hu else vol.array
+        files = vol.meta.get("files") or [f"{k:04d}" for k in range(len(array))]
+        return [np.asarray(s, dtype=np.float32) for s in array], list(files)
+
+    def __getitem__(self, i):
         try:
-            if not is_series(row.path):
-                x = self._prepare(read_image(row.path, hu_window=self.hu_window).to_gray())[None]
-                return {"x": torch.from_numpy(x), "files": [row.path.name], "error": None}
-            with series_source(row.path) as source:
-                vol, hu = self.volumes.volume(source)
-            if hu and self.hu_window is None:
-                raise InputError(row.path, "a CT series in Hounsfield units, and the model records no HU window")
-            array = Window(*self.hu_window)({"image": vol.array})["image"] if hu else vol.array
-            x = np.stack([self._prepare(s.astype(np.float32)) for s in array])
-            files = vol.meta.get("files") or [f"{k:04d}" for k in range(len(x))]
-            return {"x": torch.from_numpy(x), "files": list(files), "error": None}
+            images, files = self.grays(i)
+            x = np.stack([self._prepare(_gray(im)) for im in images])
+            return {"x": torch.from_numpy(x), "files": files, "error": None,
+                    "distance": [self._distance(im) for im in images]}
         except ChestDxError as err:
-            return {"x": None, "files": [], "error": str(err)}
+            return {"x": None, "files": [], "error": str(err), "distance": []}
+
+
+def _gray(image) -> np.ndarray:
+    return image if isinstance(image, np.ndarray) else image.to_gray()
+
+
+def attention_in_lungs(predictor, rows, slices: pd.DataFrame, positive_name: str, n: int,
+                       method: str = "gradcam++") -> dict:
+    """Share of the heat map for the positive class inside the lungs (`ct_lung_mask` of the slice as the
+    model sees it), on up to n slices per target class spread evenly over the scored ones. Slices
+    whose lungs are not found (under 2% of the slice), and all-zero maps, are left out and counted."""
+    from chestdx.explain.core import explain
+    from chestdx.explain.lungs import ct_lung_mask
+    from chestdx.explain.localization import energy_share
+
+    chosen = pd.concat([sub.iloc[np.unique(np.linspace(0, len(sub) - 1, min(n, len(sub))).round().astype(int))]
+                        for _, sub in slices.groupby("target") if len(sub)])
+    inputs = _SliceInputs(rows, predictor)
+    row_of = {row.key: i for i, row in enumerate(rows)}
+    shares, no_lungs, empty, areas = {0: [], 1: []}, 0, 0, []
+    for key, picked in chosen.groupby("series", sort=False):
+        images, _ = inputs.grays(row_of[key])
+        prepared = [predictor.prepare(_gray(images[k])) for k in picked["slice_index"]]
+        x = torch.cat([p[1] for p in prepared])
+        model = predictor.model
+        result = (explain(model, x, method, positive_name, predictor.explain_heads)
+                  if isinstance(model, torch.nn.Module) else model.explain(x, method, positive_name))
+        for (shown, _), heat, target in zip(prepared, result.maps[:, 0], picked["target"]):
+            lungs = ct_lung_mask(shown)
+            if lungs.mean() < 0.02:
+                no_lungs += 1
+                continue
+            share = energy_share(heat, lungs)
+            if np.isnan(share):  # an all-zero map points nowhere
+                empty += 1
+                continue
+            shares[int(target)].append(share)
+            areas.append(float(lungs.mean()))
+    kept = shares[0] + shares[1]
+    return {"method": method, "target": positive_name, "n": len(kept), "no_lungs_found": no_lungs,
+            "empty_maps": empty,
+            "share_in_lungs": float(np.mean(kept)) if kept else None,
+            # A map spread evenly would put this share inside the lungs: the chance level.
+            "lung_area_share": float(np.mean(areas)) if areas else None,
+            "share_in_lungs_positives": float(np.mean(shares[1])) if shares[1] else None,
+            "share_in_lungs_negatives": float(np.mean(shares[0])) if shares[0] else None}
 
 
 def predict_rows(predictor, rows, batch_size: int = 32, workers: int = 0, progress=None) -> list[dict]:
@@ -160,10 +219,9 @@ def predict_rows(predictor, rows, batch_size: int = 32, workers: int = 0, progre
             if progress:
                 progress()
         return out
-    from chestdx.inference import single_threaded_worker
+    from chestdx.inference import decode_loader
 
-    loader = DataLoader(_SliceInputs(rows, predictor), batch_size=None, num_workers=workers,
-                        collate_fn=lambda item: item, worker_init_fn=single_threaded_worker)
+    loader = decode_loader(_SliceInputs(rows, predictor), workers)
     primary = predictor.primary.name
     for item in loader:
         if item["error"] is None:
@@ -198,15 +256,33 @@ def slice_table(rows, predictions, slice_labels: dict, positive: int) -> pd.Data
     for row, pred in zip(rows, predictions):
         if pred["probs"] is None or pred.get("whole_series"):
             continue
-        for k, (file, p) in enumerate(zip(pred["files"], pred["probs"])):
+        distances = pred.get("distance") or [None] * len(pred["files"])
+        for k, (file, p, distance) in enumerate(zip(pred["files"], pred["probs"], distances)):
             marked = slice_labels.get((row.key, file))
             if row.target == positive and marked == 0:
                 continue  # a clear slice of a positive series: neither class at slice level
             records.append({"series": row.key, "patient_id": row.patient, "source": row.source, "label": row.label,
                             "file": file, "slice_index": k, "marked": marked, "target": int(row.target == positive),
-                            "p": float(p) if np.ndim(p) == 0 else float(p[positive])})
+                            "p": float(p) if np.ndim(p) == 0 else float(p[positive]), "input_distance": distance})
     return pd.DataFrame.from_records(records, columns=["series", "patient_id", "source", "label", "file",
-                                                       "slice_index", "marked", "target", "p"])
+                                                       "slice_index", "marked", "target", "p", "input_distance"])
+
+
+def input_distance_summary(slices: pd.DataFrame, limit: float | None, threshold: float, n_boot: int) -> dict:
+    """How much of the set the input check would refuse (distance over its limit), per label, and the
+    slice AUCs on what it would let through: whether the model is scored on inputs it was made for."""
+    d = pd.to_numeric(slices["input_distance"], errors="coerce")
+    if limit is None or d.isna().all():
+        return {"measured": False, "why": "the bundle records no input reference"}
+    beyond = d > limit
+    out = {"measured": True, "limit": float(limit), "median_distance": float(d.median()),
+           "share_beyond_limit": float(beyond.mean()),
+           "share_beyond_limit_by_label": {k: float(v) for k, v in beyond.groupby(slices["label"]).mean().items()}}
+    within = slices[~beyond.to_numpy()]
+    if within["target"].nunique() == 2:
+        scores = _scores(within, "p", threshold, n_boot)
+        out["within_limit"] = {k: v for k, v in scores.items() if k == "all_negatives" or k.startswith("vs_")}
+    return out
 
 
 def _auc_ci(y, p, groups, n_boot: int) -> dict:
@@ -258,8 +334,10 @@ def series_table(rows, predictions, positive: int, top_k: int) -> pd.DataFrame:
 def evaluate_external(bundle_path, manifest_csv, out_dir, mapping_pairs=(), slice_labels_csv=None,
                       slice_label_column: str = "infection", aggregation: str = "topk", top_k: int = 5,
                       positive: str | None = None, n_boot: int = 1000, batch_size: int = 32, workers: int = 0,
-                      backend: str = "auto", progress: bool = True) -> dict:
-    """Predict every row, score slices (or images), series and patients, write the report; returns metrics."""
+                      backend: str = "auto", progress: bool = True, attention_slices: int = 24) -> dict:
+    """Predict every row, score slices (or images), series and patients, write the report; returns metrics.
+    `attention_slices`: heat maps on that many positive and as many negative slices, scored by their
+    share inside the lungs (0: none; 2D models)."""
     from chestdx.evaluate.calibration import calibration_summary
     from chestdx.evaluate.plots import plot_reliability, plot_roc
     from chestdx.evaluate.report import write_external_report
@@ -312,6 +390,14 @@ def evaluate_external(bundle_path, manifest_csv, out_dir, mapping_pairs=(), slic
     curves, reliability = {}, {}
     if len(slices):
         metrics["slices"] = _scores(slices, "p", threshold, n_boot)
+        metrics["input_distance"] = input_distance_summary(
+            slices, (predictor.input_reference or {}).get("limit"), threshold, n_boot)
+        if attention_slices and predictor.explain_heads is not None:
+            try:
+                metrics["attention"] = attention_in_lungs(predictor, rows, slices, positive_name, attention_slices)
+                metrics["attention_in_lungs"] = metrics["attention"]["share_in_lungs"]
+            except ChestDxError as err:  # e.g. an ONNX export without closed-form CAM
+                metrics["attention"] = {"n": 0, "why": str(err)}
         curves.update({f"slices {k.replace('_', ' ')}": (sub["target"], sub["p"]) for k, sub in
                        _curve_subsets(slices).items()})
         if slices["target"].nunique() == 2:

@@ -265,6 +265,7 @@ def external_report_markdown(metrics: dict, figures=()) -> str:
         lines += [f"| {r['series']} | {r['label']} | {r['n_slices']} | {r['mean']:.3f} | {r['max']:.3f} | "
                   f"{r['topk']:.3f} |" for r in metrics["series_rows"]]
         lines += ["", f"Patients ({metrics['patients']['n']}): AUC {_auc_cell(metrics['patients']['all_negatives'])}."]
+    lines += _external_trust_lines(metrics)
     main = (metrics.get("slices") or {}).get("all_negatives") or {}
     if main.get("auc") is not None:
         lines += ["", f"**Verdict:** {verdict(None, [{'name': 'this external set', **main}], None, (metrics['slices'].get('calibration') or {}).get('ece'))}"]
@@ -276,6 +277,34 @@ def external_report_markdown(metrics: dict, figures=()) -> str:
     lines += ["", "Per-slice and per-series predictions: `predictions_slices.csv`, `predictions_series.csv`; "
                   "all numbers: `metrics.json`.", "", "Research use only; not for diagnosis."]
     return "\n".join(lines) + "\n"
+
+
+def _external_trust_lines(metrics: dict) -> list[str]:
+    """How far the set lies from the training images, and where the model looks."""
+    lines = []
+    dist = metrics.get("input_distance") or {}
+    if dist.get("measured"):
+        by_label = ", ".join(f"{k} {v:.0%}" for k, v in dist["share_beyond_limit_by_label"].items())
+        lines += ["", "## Trust", "",
+                  f"- Input check: {dist['share_beyond_limit']:.0%} of the scored slices lie beyond the limit the "
+                  f"check refuses at (distance > {dist['limit']:.2f}; median {dist['median_distance']:.2f}); by "
+                  f"label: {by_label}. `chestdx predict` would refuse those; here they are scored."]
+        within = (dist.get("within_limit") or {}).get("all_negatives")
+        if within and within.get("auc") is not None:
+            lines.append(f"- On the slices the check lets through only: AUC {_auc_cell(within)}.")
+    att = metrics.get("attention") or {}
+    if att.get("share_in_lungs") is not None:
+        lines += ([] if lines else ["", "## Trust", ""]) + [
+            f"- Share of the {att['method']} map for `{att['target']}` inside the lungs: {att['share_in_lungs']:.2f} "
+            f"on {att['n']} slices (positives {_maybe(att['share_in_lungs_positives'])}, negatives "
+            f"{_maybe(att['share_in_lungs_negatives'])}; the lungs cover {_maybe(att.get('lung_area_share'))} of "
+            f"the slice, the share a uniform map would give; {att['no_lungs_found']} slices without lungs found "
+            f"left out)."]
+    return lines
+
+
+def _maybe(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def write_external_report(metrics: dict, out_dir, figures=()) -> None:

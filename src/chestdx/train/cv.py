@@ -19,7 +19,7 @@ import pandas as pd
 
 from chestdx.data.datasets import get_dataset
 from chestdx.data.manifest import Manifest
-from chestdx.data.splits import kfold_split_tags, leave_source_out_tags
+from chestdx.data.splits import kfold_split_tags, leave_source_out_tags, publication_groups
 from chestdx.errors import ChestDxError
 from chestdx.models import get_entry
 from chestdx.evaluate.run import evaluate_bundle
@@ -32,9 +32,12 @@ MULTICLASS_HEADLINE = ("macro_auc", "accuracy", "macro_sensitivity", "macro_spec
 MULTILABEL_HEADLINE = ("macro_auc", "macro_sensitivity", "macro_specificity", "macro_f1")
 
 
-def fold_manifests(manifest: Manifest, n_folds: int, seed: int = 0, head=None) -> list[Manifest]:
+def fold_manifests(manifest: Manifest, n_folds: int, seed: int = 0, head=None,
+                   group_by: str = "patient") -> list[Manifest]:
     """The manifest once per fold, its `split` column replaced by that fold's train/val/test tags;
-    stratified by the primary head's task key (`head`; the label column when none is given)."""
+    stratified by the primary head's task key (`head`; the label column when none is given). Folds keep
+    each patient together, or with group_by="publication" each publication a figure was cut from
+    (`chestdx.data.splits.publication_groups`: a source held out when the set has no source column)."""
     _check_fold_count(n_folds)
     frame = manifest.frame
     if head is None:
@@ -43,20 +46,34 @@ def fold_manifests(manifest: Manifest, n_folds: int, seed: int = 0, head=None) -
         strata = pd.Series(head.kind.stratify_key(*manifest.head_targets(head)), index=frame.index)
     if "source" in frame.columns:
         strata = strata + "/" + frame["source"].astype(str)
-    tags = kfold_split_tags(strata.to_numpy(), frame["patient_id"].to_numpy(), n_folds, seed=seed)
+    tags = kfold_split_tags(strata.to_numpy(), fold_groups(frame, group_by), n_folds, seed=seed)
     return [Manifest(frame.assign(split=t), manifest.root, manifest.label_column, manifest.classes,
                      manifest.extra_labels) for t in tags]
 
 
-def cross_validate(cfg: dict, run_dir, n_folds: int, progress: bool = True, n_boot: int = 200) -> dict:
+GROUPINGS = ("patient", "publication")
+
+
+def fold_groups(frame: pd.DataFrame, group_by: str) -> np.ndarray:
+    if group_by not in GROUPINGS:
+        raise ChestDxError(f"--group-by {group_by!r}: use one of {', '.join(GROUPINGS)}")
+    if group_by == "publication":
+        return publication_groups(frame["path"], frame["patient_id"])
+    return frame["patient_id"].to_numpy()
+
+
+def cross_validate(cfg: dict, run_dir, n_folds: int, progress: bool = True, n_boot: int = 200,
+                   group_by: str = "patient") -> dict:
     """Train and test every fold in `<run_dir>/fold<k>`; write and return `<run_dir>/cv_summary.json`
-    (per-fold test metrics at threshold 0.5, their mean and standard deviation)."""
+    (per-fold test metrics at threshold 0.5, their mean and standard deviation). `group_by`: what a
+    fold keeps together (`fold_manifests`)."""
     _check_fold_count(n_folds)
     run_dir = Path(run_dir)
     manifest = get_dataset(cfg["dataset"]).manifest()
     folds = []
     head = get_entry(cfg["model"]["name"]).primary_head
-    for k, fold in enumerate(fold_manifests(manifest, n_folds, seed=int(cfg["train"]["seed"]), head=head)):
+    for k, fold in enumerate(fold_manifests(manifest, n_folds, seed=int(cfg["train"]["seed"]), head=head,
+                                                 group_by=group_by)):
         fold_dir = run_dir / f"fold{k}"
         fold_cfg = prepare_config(copy.deepcopy(cfg))
         runfolder.check(fold_dir, fold_cfg, split_manifests(fold_cfg, fold)[1])  # another run's fold is refused
@@ -72,7 +89,7 @@ def cross_validate(cfg: dict, run_dir, n_folds: int, progress: bool = True, n_bo
         folds.append(_headline(metrics))
     if not is_main_process():
         return {}
-    summary = {"config": cfg["name"], "dataset": cfg["dataset"], "n_folds": n_folds,
+    summary = {"config": cfg["name"], "dataset": cfg["dataset"], "n_folds": n_folds, "group_by": group_by,
                "threshold": 0.5, "folds": folds, "mean": {}, "sd": {}}
     for key in (k for k in folds[0] if k != "n_test"):
         values = np.array([f[key] for f in folds], dtype=float)
