@@ -35,9 +35,9 @@ MULTILABEL_HEADLINE = ("macro_auc", "macro_sensitivity", "macro_specificity", "m
 def fold_manifests(manifest: Manifest, n_folds: int, seed: int = 0, head=None,
                    group_by: str = "patient") -> list[Manifest]:
     """The manifest once per fold, its `split` column replaced by that fold's train/val/test tags;
-    stratified by the primary head's task key (`head`; the label column when none is given). Folds keep
-    each patient together, or with group_by="publication" each publication a figure was cut from
-    (`chestdx.data.splits.publication_groups`: a source held out when the set has no source column)."""
+    stratified by the primary head's task key (`head`; the label column when none is given). A fold keeps
+    each patient together, or with group_by="publication" each publication its figures were cut from
+    (`chestdx.data.splits.publication_groups`), which holds whole sources out of a set without a source column."""
     _check_fold_count(n_folds)
     frame = manifest.frame
     if head is None:
@@ -55,6 +55,7 @@ GROUPINGS = ("patient", "publication")
 
 
 def fold_groups(frame: pd.DataFrame, group_by: str) -> np.ndarray:
+    """The group each row's fold is chosen by (see `fold_manifests`)."""
     if group_by not in GROUPINGS:
         raise ChestDxError(f"--group-by {group_by!r}: use one of {', '.join(GROUPINGS)}")
     if group_by == "publication":
@@ -72,8 +73,8 @@ def cross_validate(cfg: dict, run_dir, n_folds: int, progress: bool = True, n_bo
     manifest = get_dataset(cfg["dataset"]).manifest()
     folds = []
     head = get_entry(cfg["model"]["name"]).primary_head
-    for k, fold in enumerate(fold_manifests(manifest, n_folds, seed=int(cfg["train"]["seed"]), head=head,
-                                                 group_by=group_by)):
+    folds_of = fold_manifests(manifest, n_folds, seed=int(cfg["train"]["seed"]), head=head, group_by=group_by)
+    for k, fold in enumerate(folds_of):
         fold_dir = run_dir / f"fold{k}"
         fold_cfg = prepare_config(copy.deepcopy(cfg))
         runfolder.check(fold_dir, fold_cfg, split_manifests(fold_cfg, fold)[1])  # another run's fold is refused
