@@ -213,7 +213,7 @@ def speed(args) -> dict:
             before[path] = None
     before_s = time.perf_counter() - started
 
-    onnx_predictor = predictor_for(model, "onnx")
+    onnx_predictor = predictor_for(model, "onnx", batch=32)
     started = time.perf_counter()
     after = {path: result for path, result, _ in onnx_predictor.predict_files(paths, batch_size=32)}
     after_s = time.perf_counter() - started

@@ -6,6 +6,8 @@ input size if none exists), and creates an API key. The clients alternate betwee
 processes and post real covid-ct test images (PNG, and one as DICOM) and bad files (text,
 empty, corrupt, truncated, DICOM without pixels, a blank image), each with the web page's
 default of a Grad-CAM++ heat map; then the same schedule again without heat maps, for the ratio.
+Both are timed after an untimed warm-up of `--warmup` valid requests in each mode (its answers are
+still checked: no 5xx, no resets, every 200 stored).
 Afterwards every 200 must have its row in the database; connection failures are counted.
 
     python benchmarks/serve_load.py [--requests 1000] [--clients 8] [--checkpoint PATH]
@@ -150,6 +152,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--bad-share", type=float, default=0.1)
+    parser.add_argument("--warmup", type=int, default=32, help="untimed valid requests per mode first")
     parser.add_argument("--processes", type=int, default=2, help="service processes, one port each")
     parser.add_argument("--database", choices=["postgresql", "sqlite"], default="postgresql")
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "reproduce_ladnn" / "ladnn" / "model.pt")
@@ -196,6 +199,11 @@ def main() -> None:
         servers = [start_server(models, db_url, tmp / "home", port) for port in ports]
         urls = [f"http://127.0.0.1:{port}/api/v1/predict" for port in ports]
         try:
+            # warm-up, not timed: each process's first requests allocate ONNX Runtime's buffers and fill
+            # the connection pools, a cost the first timed schedule alone would otherwise carry
+            warmup = [item for item in schedule if item[2]][:args.warmup]
+            warm = (run_schedule(warmup, urls, key, args.clients, heatmap=True)[0]
+                    + run_schedule(warmup, urls, key, args.clients, heatmap=False)[0])
             results, elapsed = run_schedule(schedule, urls, key, args.clients, heatmap=True)
             plain, _ = run_schedule(schedule, urls, key, args.clients, heatmap=False)
             card = httpx.get(urls[0].replace("/predict", "/models"), headers={"X-API-Key": key}).json()["models"][0]
@@ -208,7 +216,7 @@ def main() -> None:
         database = db.server
 
     latencies = np.array([r[1] for r in results])
-    everything = results + plain
+    everything = warm + results + plain
     ok_ids = [r[2] for r in everything if r[0] == 200]
     statuses = Counter(str(r[0]) for r in results)
     report = {
@@ -226,6 +234,7 @@ def main() -> None:
         "valid_requests_answered_200": sum(1 for r in results if r[3] and r[0] == 200),
         "valid_requests": sum(1 for r in results if r[3]),
         "requests": len(results), "clients": args.clients, "bad_share": args.bad_share,
+        "warmup_requests_per_mode": len(warmup),
         "service_processes": args.processes,
         "heatmaps": f"{card.get('heatmap_method', 'gradcam++')} on every valid request (the web page's default), "
                     f"{card.get('heatmap_backend', 'pytorch')}",

@@ -120,6 +120,25 @@ def test_export_keeps_outputs_and_matches_pytorch_logits(tiny_export, covid_ct_d
     assert onnx_p.describe({k: v[0] for k, v in probs.items()})["prediction"] in ("noncovid", "covid")
 
 
+def test_sessions_for_one_image_answer_as_the_dynamic_ones(tiny_export, covid_ct_dir):
+    """The service's batch-of-one graphs (shape arithmetic folded away) give the dynamic graphs' outputs,
+    features included; a call with another batch size still works (on dynamic sessions built for it)."""
+    _, onnx_path = tiny_export
+    dynamic, single = load_onnx(onnx_path)[0], load_onnx(onnx_path, batch=1)[0]
+    x = _batch(Predictor(onnx_path), _images(covid_ct_dir, 3))
+    for k in range(3):
+        want, got = dynamic(x[k:k + 1], features=True), single(x[k:k + 1], features=True)
+        assert set(got) == set(want) == {"logits", "lesion_logits", "cam_features"}
+        for key in want:
+            assert torch.allclose(got[key], want[key], atol=1e-5)
+    assert None not in single._by_batch  # no dynamic session until a call needs one
+    whole = single(x, features=True)
+    assert None in single._by_batch
+    assert torch.allclose(whole["logits"], dynamic(x)["logits"], atol=1e-5)
+    with pytest.raises(Exception):  # the fixed graphs really are fixed: a batch of 3 is refused by them
+        single.sessions[0][0].run(["logits"], {"image": x.numpy()})
+
+
 def test_export_without_features_and_a_missing_weights_file(tiny_models_dir, tmp_path, covid_ct_dir):
     bundle = tiny_models_dir / "ladnn-tiny.pt"
     off = export_onnx(bundle, tmp_path / "off.onnx", with_features=False)

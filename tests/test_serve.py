@@ -53,7 +53,7 @@ def test_health_and_models(service):
 
 def test_predict_matches_pytorch_and_is_recorded(service, ct_png, tiny_models_dir):
     res = service.post("/api/v1/predict", files={"file": ("slice.png", ct_png, "image/png")},
-                       data={"model": "ladnn-tiny"})
+                       data={"model": "ladnn-tiny", "overlay": "true"})
     assert res.status_code == 200, res.text
     body = res.json()
     p = body["probabilities"]["covid"]
@@ -65,6 +65,14 @@ def test_predict_matches_pytorch_and_is_recorded(service, ct_png, tiny_models_di
     assert body["backend"] == "onnxruntime" and body["timings_ms"]["total"] > 0
     for key in ("image_png", "heatmap_png", "overlay_png"):
         assert _png(body["heatmap"][key]).shape[:2] == (64, 64)
+    # the heat map PNG is indexed, its colours are the JET map of the map's levels; the overlay is their blend
+    heat, grey = _png(body["heatmap"]["heatmap_png"]), _png(body["heatmap"]["image_png"])
+    levels = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_JET)[:, 0]  # BGR, as decoded
+    assert heat.shape == (64, 64, 3) and (heat[..., None, :] == levels).all(-1).any(-1).all()
+    assert grey.shape == (64, 64) and not np.array_equal(_png(body["heatmap"]["overlay_png"])[..., :3], heat)
+    plain = service.post("/api/v1/predict", files={"file": ("slice.png", ct_png, "image/png")},
+                         data={"model": "ladnn-tiny"}).json()["heatmap"]
+    assert "overlay_png" not in plain and plain["heatmap_png"] == body["heatmap"]["heatmap_png"]
     study = service.get(body["study_url"]).json()
     assert study["id"] == body["study_id"] and study["probabilities"] == pytest.approx(body["probabilities"])
     assert study["input_format"] == "png" and "slice.png" not in str(study)  # file names are not stored

@@ -190,7 +190,7 @@ def predict(
     (each input one series: a DICOM folder, a NIfTI file or a folder of slice images)."""
     from chestdx.inference import expand_inputs, predictor_for, series_source
 
-    predictor = predictor_for(checkpoint or _default_model(), backend)
+    predictor = predictor_for(checkpoint or _default_model(), backend, batch=batch_size)
     series = predictor.takes_series
     if montage and not series:
         raise ChestDxError("--montage is for sequence and 3D models; use chestdx explain for images")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,37 +181,62 @@ class OnnxModel:
     in parts runs its graphs in order with the NumPy step between them (its boxes are outputs too).
 
     An export with closed-form CAM (metadata `cam`) has `cam_spec` (else None): `model(x, features=True)`
-    adds the feature maps to the dict, `model.explain(x, method, target)` gives the heat maps."""
+    adds the feature maps to the dict, `model.explain(x, method, target)` gives the heat maps.
 
-    def __init__(self, onnx_path, threads: int | None = None, meta: dict | None = None):
-        import onnxruntime as ort
+    `batch`: the batch size most calls use (a service: 1). Its sessions have the batch dimension
+    fixed, so ONNX Runtime folds the shape arithmetic of "same" padding into the convolutions (an
+    EfficientNet-lite graph: 269 nodes to 56, 14% faster per image); another batch size gets sessions
+    with the dynamic batch, built when first needed."""
 
+    def __init__(self, onnx_path, threads: int | None = None, meta: dict | None = None, batch: int | None = None):
         meta = meta or {}
-        options = ort.SessionOptions()
-        if threads:  # a service runs many requests at once: one thread each, and no spinning while idle
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        onnx_path = Path(onnx_path)
-        graphs = meta.get("graphs") or [{"file": onnx_path.name, "inputs": ["image"], "outputs": None}]
-        self.sessions = []
-        for k, graph in enumerate(graphs):
-            path = onnx_path if k == 0 else onnx_path.with_name(graph["file"])
-            try:
-                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            except Exception as err:
-                raise ChestDxError(f"{path}: not a loadable ONNX model ({err})") from None
-            self.sessions.append((session, graph["inputs"], [o.name for o in session.get_outputs()]))
+        self.onnx_path = Path(onnx_path)
+        self.threads = threads
+        self.graphs = meta.get("graphs") or [{"file": self.onnx_path.name, "inputs": ["image"], "outputs": None}]
+        self.batch = batch
+        self._by_batch = {batch: self._sessions(batch)}
+        self._building = threading.Lock()
+        self.sessions = self._by_batch[batch]
         self.feature_names = list((meta.get("cam") or {}).get("features", []))
         self.names = [n for _, _, outputs in self.sessions for n in outputs if n not in self.feature_names]
         self.step = _between_step(meta["between"]) if meta.get("between") else None
         self.model_kwargs = meta.get("model_kwargs", {})
-        self.cam_spec = _load_cam_spec(meta, onnx_path)
+        self.cam_spec = _load_cam_spec(meta, self.onnx_path)
+
+    def _sessions(self, batch: int | None) -> list:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if self.threads:  # a service runs many requests at once: one thread each, and no spinning while idle
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if batch is not None:
+            options.add_free_dimension_override_by_name("batch", batch)  # the export's dynamic axis
+        sessions = []
+        for k, graph in enumerate(self.graphs):
+            path = self.onnx_path if k == 0 else self.onnx_path.with_name(graph["file"])
+            try:
+                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            except Exception as err:
+                raise ChestDxError(f"{path}: not a loadable ONNX model ({err})") from None
+            sessions.append((session, graph["inputs"], [o.name for o in session.get_outputs()]))
+        return sessions
+
+    def _sessions_for(self, batch: int) -> list:
+        if self.batch is None:
+            return self.sessions
+        key = batch if batch == self.batch else None
+        if key not in self._by_batch:
+            with self._building:
+                if key not in self._by_batch:
+                    self._by_batch[key] = self._sessions(None)
+        return self._by_batch[key]
 
     def __call__(self, x: torch.Tensor, features: bool = False) -> dict:
         """Each output by name; `features`: also the CAM target layers' feature maps (if exported)."""
         values = {"image": np.ascontiguousarray(x.numpy(), dtype=np.float32)}
-        for k, (session, inputs, outputs) in enumerate(self.sessions):
+        for k, (session, inputs, outputs) in enumerate(self._sessions_for(len(values["image"]))):
             if k:
                 values.update(self.step(values, self.model_kwargs))
             wanted = [n for n in outputs if features or n not in self.feature_names]
@@ -268,14 +294,15 @@ def current_export(bundle_path) -> Path | None:
     return onnx_path if meta.get("source_sha256") == file_sha256(bundle_path) else None
 
 
-def load_onnx(onnx_path, threads: int | None = None) -> tuple[OnnxModel, dict]:
+def load_onnx(onnx_path, threads: int | None = None, batch: int | None = None) -> tuple[OnnxModel, dict]:
+    """The exported model and its metadata; `threads`, `batch`: as `OnnxModel` takes them."""
     meta_file = metadata_path(onnx_path)
     if not meta_file.is_file():
         raise ChestDxError(f"{onnx_path}: metadata {meta_file.name} missing; export with `chestdx export`")
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != ONNX_FORMAT:
         raise ChestDxError(f"{meta_file}: not chestdx ONNX metadata (expected format {ONNX_FORMAT})")
-    return OnnxModel(onnx_path, threads=threads, meta=meta), meta
+    return OnnxModel(onnx_path, threads=threads, meta=meta, batch=batch), meta
 
 
 def part_files(meta_file) -> list[str]:

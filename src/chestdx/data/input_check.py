@@ -172,7 +172,9 @@ def colour_fraction(pixels: np.ndarray) -> float:
     if pixels.ndim != 3 or pixels.shape[-1] != 3:
         return 0.0
     small = _strided(pixels)
-    return float(((small.max(axis=-1) - small.min(axis=-1)) > COLOUR_CHROMA).mean())
+    r, g, b = small[..., 0], small[..., 1], small[..., 2]  # (not max(axis=-1): 20x slower on a 3-long axis)
+    chroma = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
+    return float((chroma > COLOUR_CHROMA).mean())
 
 
 def _normalise_rows(t: np.ndarray) -> np.ndarray:

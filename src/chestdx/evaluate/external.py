@@ -346,7 +346,7 @@ def evaluate_external(bundle_path, manifest_csv, out_dir, mapping_pairs=(), slic
 
     if aggregation not in AGGREGATIONS:
         raise ChestDxError(f"--aggregate {aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
-    predictor = predictor_for(bundle_path, backend)
+    predictor = predictor_for(bundle_path, backend, batch=batch_size)
     classes = list(predictor.primary.labels)
     if predictor.primary.task == "multilabel":
         raise ChestDxError(f"{bundle_path}: external evaluation scores one class against the rest; this model's "

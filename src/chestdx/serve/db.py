@@ -167,10 +167,14 @@ class Database:
             version = conn.exec_driver_sql("SHOW server_version").scalar() if name == "postgresql" else "?"
         return f"{'PostgreSQL' if name == 'postgresql' else name} {version}"
 
-    def add(self, **fields) -> Study:
-        study = Study(**fields)
+    def add(self, audit: dict | None = None, **fields) -> Study:
+        """Store a study; `audit` (actor, action, detail): its audit entry, in the same transaction, so
+        no study exists without the record of who created it (and one commit, not two, per request)."""
+        study = Study(id=fields.pop("id", None) or _uuid(), **fields)
         with self.sessions.begin() as session:
             session.add(study)
+            if audit:
+                session.add(AuditEntry(org_id=study.org_id, study_id=study.id, **audit))
         return study
 
     def get(self, study_id: str) -> Study | None:

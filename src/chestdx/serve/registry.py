@@ -162,7 +162,8 @@ class ServedModel:
 
 
 def load_models(folder, cache_dir, onnx_threads: int | None = 1) -> dict[str, ServedModel]:
-    """`onnx_threads`: per request; concurrent requests share the cores, so one each is fastest under load."""
+    """`onnx_threads`: per request; concurrent requests share the cores, so one each is fastest under load.
+    A request is one image (or one series): the ONNX graphs are specialised to a batch of one."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ChestDxError(f"{folder}: models folder not found")
@@ -170,7 +171,7 @@ def load_models(folder, cache_dir, onnx_threads: int | None = 1) -> dict[str, Se
     for bundle in sorted(folder.glob("*.pt")):
         onnx = bundle.with_suffix(".onnx")
         torch_predictor = Predictor(bundle)
-        predictor = (Predictor(onnx, onnx_threads) if onnx.exists()
+        predictor = (Predictor(onnx, onnx_threads, batch=1) if onnx.exists()
                      else _exported(bundle, Path(cache_dir), onnx_threads) or torch_predictor)
         models[bundle.stem] = ServedModel(bundle.stem, predictor, torch_predictor, [bundle.name])
     from chestdx.export import part_files
@@ -178,7 +179,7 @@ def load_models(folder, cache_dir, onnx_threads: int | None = 1) -> dict[str, Se
     parts = {name for meta in folder.glob("*.json") for name in part_files(meta)}  # later graphs of a model in parts
     for onnx in sorted(folder.glob("*.onnx")):
         if onnx.stem not in models and onnx.name not in parts:
-            models[onnx.stem] = ServedModel(onnx.stem, Predictor(onnx, onnx_threads), None, [onnx.name])
+            models[onnx.stem] = ServedModel(onnx.stem, Predictor(onnx, onnx_threads, batch=1), None, [onnx.name])
     if not models:
         raise ChestDxError(f"{folder}: no models (*.pt bundles or *.onnx exports) found")
     return models
@@ -192,7 +193,7 @@ def _exported(bundle: Path, cache_dir: Path, threads: int | None) -> Predictor |
     try:
         if not target.exists():
             export_onnx(bundle, target)
-        return Predictor(target, threads)
+        return Predictor(target, threads, batch=1)
     except Exception as err:  # any exporter failure: serve with PyTorch rather than not at all
         log.warning("%s: ONNX export failed (%s); serving with PyTorch", bundle.name, err)
         return None
