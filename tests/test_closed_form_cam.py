@@ -137,6 +137,12 @@ def test_sessions_for_one_image_answer_as_the_dynamic_ones(tiny_export, covid_ct
     assert torch.allclose(whole["logits"], dynamic(x)["logits"], atol=1e-5)
     with pytest.raises(Exception):  # the fixed graphs really are fixed: a batch of 3 is refused by them
         single.sessions[0][0].run(["logits"], {"image": x.numpy()})
+    # a partial batch (3 of 4) is padded to the fixed size, and only its own rows come back
+    four = load_onnx(onnx_path, batch=4)[0]
+    padded = four(x, features=True)
+    assert None not in four._by_batch and padded["cam_features"].shape[0] == 3
+    for key, value in dynamic(x, features=True).items():
+        assert torch.allclose(padded[key], value, atol=1e-5)
 
 
 def test_export_without_features_and_a_missing_weights_file(tiny_models_dir, tmp_path, covid_ct_dir):

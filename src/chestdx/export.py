@@ -235,13 +235,19 @@ class OnnxModel:
 
     def __call__(self, x: torch.Tensor, features: bool = False) -> dict:
         """Each output by name; `features`: also the CAM target layers' feature maps (if exported)."""
-        values = {"image": np.ascontiguousarray(x.numpy(), dtype=np.float32)}
-        for k, (session, inputs, outputs) in enumerate(self._sessions_for(len(values["image"]))):
+        image = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+        n = len(image)
+        if self.batch and self.batch // 2 < n < self.batch:
+            # the last, partial batch of a folder: zero rows to the fixed size (each row is predicted on
+            # its own) cost less than a second set of sessions and their slower dynamic graphs
+            image = np.concatenate([image, np.zeros((self.batch - n, *image.shape[1:]), np.float32)])
+        values = {"image": image}
+        for k, (session, inputs, outputs) in enumerate(self._sessions_for(len(image))):
             if k:
                 values.update(self.step(values, self.model_kwargs))
-            wanted = [n for n in outputs if features or n not in self.feature_names]
-            values.update(zip(wanted, session.run(wanted, {n: values[n] for n in inputs})))
-        return {name: torch.from_numpy(np.asarray(value)) for name, value in values.items() if name != "image"}
+            wanted = [name for name in outputs if features or name not in self.feature_names]
+            values.update(zip(wanted, session.run(wanted, {name: values[name] for name in inputs})))
+        return {name: torch.from_numpy(np.asarray(value)[:n]) for name, value in values.items() if name != "image"}
 
     def explain(self, x: torch.Tensor, method: str = "gradcam++", target="predicted"):
         """`chestdx.explain.explain`'s answer (an `Explanation`) in closed form from one ONNX pass."""
