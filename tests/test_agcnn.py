@@ -206,6 +206,15 @@ def test_onnx_two_graphs_match_pytorch_on_real_images(agcnn_bundle, nih_images, 
     moved = onnx_p.model.sessions[1][0].run(None, {"image": x.numpy(), "boxes": np.tile([[0, 0, 16, 16]], (len(x), 1))
                                                    .astype(np.float32), "global_pooled": b["global_pooled"].numpy()})
     assert not np.allclose(moved[0], b["local"].numpy(), atol=1e-3)
+    # both graphs with the batch fixed (one more than given: zero rows padded through the crop step)
+    from chestdx.export import load_onnx
+
+    fixed = load_onnx(onnx_path, batch=len(x) + 1)[0]
+    c = fixed(x)
+    assert None not in fixed._by_batch and len(c["boxes"]) == len(x)
+    assert torch.equal(c["boxes"], b["boxes"])
+    for key in ("global", "local", "fusion", "heatmap"):
+        assert torch.allclose(c[key], b[key], atol=1e-4), key
 
 
 def test_explain_gives_heat_map_crop_box_and_branch_cams(agcnn_bundle, nih_images, tmp_path):

@@ -125,8 +125,8 @@ def test_sessions_for_one_image_answer_as_the_dynamic_ones(tiny_export, covid_ct
     features included; a call with another batch size still works (on dynamic sessions built for it)."""
     _, onnx_path = tiny_export
     dynamic, single = load_onnx(onnx_path)[0], load_onnx(onnx_path, batch=1)[0]
-    x = _batch(Predictor(onnx_path), _images(covid_ct_dir, 3))
-    for k in range(3):
+    x = _batch(Predictor(onnx_path), _images(covid_ct_dir, 4))
+    for k in range(len(x)):
         want, got = dynamic(x[k:k + 1], features=True), single(x[k:k + 1], features=True)
         assert set(got) == set(want) == {"logits", "lesion_logits", "cam_features"}
         for key in want:
@@ -135,14 +135,16 @@ def test_sessions_for_one_image_answer_as_the_dynamic_ones(tiny_export, covid_ct
     whole = single(x, features=True)
     assert None in single._by_batch
     assert torch.allclose(whole["logits"], dynamic(x)["logits"], atol=1e-5)
-    with pytest.raises(Exception):  # the fixed graphs really are fixed: a batch of 3 is refused by them
+    with pytest.raises(Exception):  # the fixed graphs really are fixed: a batch of 4 is refused by them
         single.sessions[0][0].run(["logits"], {"image": x.numpy()})
-    # a partial batch (3 of 4) is padded to the fixed size, and only its own rows come back
-    four = load_onnx(onnx_path, batch=4)[0]
-    padded = four(x, features=True)
-    assert None not in four._by_batch and padded["cam_features"].shape[0] == 3
+    # a batch over half full (4 of 5) is padded to the fixed size, and only its own rows come back;
+    # one under half (2 of 5) runs on dynamic sessions instead
+    five = load_onnx(onnx_path, batch=5)[0]
+    padded = five(x, features=True)
+    assert None not in five._by_batch and padded["cam_features"].shape[0] == 4
     for key, value in dynamic(x, features=True).items():
         assert torch.allclose(padded[key], value, atol=1e-5)
+    assert torch.allclose(five(x[:2])["logits"], dynamic(x[:2])["logits"], atol=1e-5) and None in five._by_batch
 
 
 def test_export_without_features_and_a_missing_weights_file(tiny_models_dir, tmp_path, covid_ct_dir):

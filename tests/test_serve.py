@@ -65,11 +65,21 @@ def test_predict_matches_pytorch_and_is_recorded(service, ct_png, tiny_models_di
     assert body["backend"] == "onnxruntime" and body["timings_ms"]["total"] > 0
     for key in ("image_png", "heatmap_png", "overlay_png"):
         assert _png(body["heatmap"][key]).shape[:2] == (64, 64)
-    # the heat map PNG is indexed, its colours are the JET map of the map's levels; the overlay is their blend
-    heat, grey = _png(body["heatmap"]["heatmap_png"]), _png(body["heatmap"]["image_png"])
-    levels = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_JET)[:, 0]  # BGR, as decoded
-    assert heat.shape == (64, 64, 3) and (heat[..., None, :] == levels).all(-1).any(-1).all()
-    assert grey.shape == (64, 64) and not np.array_equal(_png(body["heatmap"]["overlay_png"])[..., :3], heat)
+    # the heat map PNG is indexed, its palette the JET colours of the map's levels; the overlay is the
+    # blend of the image and those colours
+    from PIL import Image
+
+    from chestdx.explain.render import overlay_rgb
+
+    indexed = Image.open(io.BytesIO(base64.b64decode(body["heatmap"]["heatmap_png"].split(",", 1)[1])))
+    assert indexed.mode == "P" and indexed.size == (64, 64)
+    levels = np.asarray(indexed)  # the palette indices: the map's levels 0-255
+    jet = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_JET)[:, 0, ::-1]
+    assert np.array_equal(np.asarray(indexed.convert("RGB")), jet[levels]) and levels.max() == 255
+    grey = _png(body["heatmap"]["image_png"])
+    assert grey.shape == (64, 64)
+    blend = overlay_rgb(grey / 255.0, levels / 255.0)
+    assert np.abs(_png(body["heatmap"]["overlay_png"])[..., ::-1].astype(int) - blend).max() <= 1
     plain = service.post("/api/v1/predict", files={"file": ("slice.png", ct_png, "image/png")},
                          data={"model": "ladnn-tiny"}).json()["heatmap"]
     assert "overlay_png" not in plain and plain["heatmap_png"] == body["heatmap"]["heatmap_png"]

@@ -174,7 +174,9 @@ class Database:
         with self.sessions.begin() as session:
             session.add(study)
             if audit:
-                session.add(AuditEntry(org_id=study.org_id, study_id=study.id, **audit))
+                detail = audit.get("detail")
+                session.add(AuditEntry(org_id=study.org_id, study_id=study.id, actor=audit["actor"],
+                                       action=audit["action"], detail=(detail or None) and detail[:256]))
         return study
 
     def get(self, study_id: str) -> Study | None:
