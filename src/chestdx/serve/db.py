@@ -174,9 +174,7 @@ class Database:
         with self.sessions.begin() as session:
             session.add(study)
             if audit:
-                detail = audit.get("detail")
-                session.add(AuditEntry(org_id=study.org_id, study_id=study.id, actor=audit["actor"],
-                                       action=audit["action"], detail=(detail or None) and detail[:256]))
+                session.add(_audit_entry(org_id=study.org_id, study_id=study.id, **audit))
         return study
 
     def get(self, study_id: str) -> Study | None:
@@ -236,12 +234,17 @@ class Database:
     def audit(self, actor: str, action: str, org_id: str | None = None, study_id: str | None = None,
               detail: str | None = None) -> None:
         with self.sessions.begin() as session:
-            session.add(AuditEntry(actor=actor, action=action, org_id=org_id, study_id=study_id,
-                                   detail=(detail or None) and detail[:256]))
+            session.add(_audit_entry(actor, action, org_id, study_id, detail))
 
     def audit_log(self, limit: int = 100) -> list[AuditEntry]:
         with Session(self.engine) as session:
             return list(session.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)))
+
+
+def _audit_entry(actor: str, action: str, org_id: str | None = None, study_id: str | None = None,
+                 detail: str | None = None) -> AuditEntry:
+    return AuditEntry(actor=actor, action=action, org_id=org_id, study_id=study_id,
+                      detail=(detail or None) and detail[:256])
 
 
 def _sqlite_wal(connection, _record):
