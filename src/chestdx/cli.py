@@ -183,13 +183,14 @@ def predict(
                                                 "(3D: T(A) and Grad-CAM as NIfTI and axial/coronal PNG montages)"),
     backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime when a current export lies "
                                 "beside the bundle), onnx or pytorch"),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="images per forward pass (2D models)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="images per forward pass (2D models; default chestdx.inference.BATCH_SIZE, 4)"),
     workers: int = typer.Option(0, "--workers", min=0, help="decoding processes (2D; 0: this one)"),
 ):
     """Predict class (and lesion) probabilities for image files, or per series for a sequence or 3D model
     (each input one series: a DICOM folder, a NIfTI file or a folder of slice images)."""
-    from chestdx.inference import expand_inputs, predictor_for, series_source
+    from chestdx.inference import BATCH_SIZE, expand_inputs, predictor_for, series_source
 
+    batch_size = batch_size or BATCH_SIZE
     predictor = predictor_for(checkpoint or _default_model(), backend, batch=batch_size)
     series = predictor.takes_series
     if montage and not series:

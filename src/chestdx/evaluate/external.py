@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from chestdx.data.transforms import Window
 from chestdx.errors import ChestDxError, InputError
+from chestdx.inference import BATCH_SIZE
 
 AGGREGATIONS = ("mean", "max", "topk")
 
@@ -201,7 +202,7 @@ def attention_in_lungs(predictor, rows, slices: pd.DataFrame, positive_name: str
             "share_in_lungs_negatives": float(np.mean(shares[0])) if shares[0] else None}
 
 
-def predict_rows(predictor, rows, batch_size: int = 32, workers: int = 0, progress=None) -> list[dict]:
+def predict_rows(predictor, rows, batch_size: int = BATCH_SIZE, workers: int = 0, progress=None) -> list[dict]:
     """Per row: its slice (or image) probabilities of the primary head, file names, or an error."""
     out = []
     if predictor.takes_series:
@@ -333,7 +334,7 @@ def series_table(rows, predictions, positive: int, top_k: int) -> pd.DataFrame:
 
 def evaluate_external(bundle_path, manifest_csv, out_dir, mapping_pairs=(), slice_labels_csv=None,
                       slice_label_column: str = "infection", aggregation: str = "topk", top_k: int = 5,
-                      positive: str | None = None, n_boot: int = 1000, batch_size: int = 32, workers: int = 0,
+                      positive: str | None = None, n_boot: int = 1000, batch_size: int = BATCH_SIZE, workers: int = 0,
                       backend: str = "auto", progress: bool = True, attention_slices: int = 24) -> dict:
     """Predict every row, score slices (or images), series and patients, write the report; returns metrics.
     `attention_slices`: heat maps on that many positive and as many negative slices, scored by their
