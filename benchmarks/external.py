@@ -293,10 +293,11 @@ def markdown(result: dict) -> str:
                   f"on PyTorch, {s['predict_images_per_s']:.2f} images/s batched on ONNX Runtime "
                   f"({s['speedup']:.1f}x); largest probability difference {s['max_probability_difference']:.1e}."]
         if "speedup_if_decoding_were_free" in s:
-            lines += ["", f"Batched, per image, measured apart: decode and input check {s['decode_check_ms_per_image']:.1f} ms, "
-                          f"forward passes {s['onnx_passes_ms_per_image']:.1f} ms (batches of {s['batch_size']}); one at a "
-                          f"time {s['before_ms_per_image']:.1f} ms in all. Even with decoding free the speedup would be "
-                          f"{s['speedup_if_decoding_were_free']:.2f}x."]
+            lines += ["", f"Batched, per image, measured apart: decode and input check "
+                          f"{s['decode_check_ms_per_image']:.1f} ms, forward passes "
+                          f"{s['onnx_passes_ms_per_image']:.1f} ms (batches of {s['batch_size']}); "
+                          f"one at a time {s['before_ms_per_image']:.1f} ms in all. "
+                          f"Even with decoding free the speedup would be {s['speedup_if_decoding_were_free']:.2f}x."]
     return "\n".join(lines) + "\n"
 
 

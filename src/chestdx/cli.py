@@ -183,7 +183,8 @@ def predict(
                                                 "(3D: T(A) and Grad-CAM as NIfTI and axial/coronal PNG montages)"),
     backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime when a current export lies "
                                 "beside the bundle), onnx or pytorch"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="images per forward pass (2D models; default chestdx.inference.BATCH_SIZE, 4)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="images per forward pass (2D models; "
+                                             "default 4, chestdx.inference.BATCH_SIZE)"),
     workers: int = typer.Option(0, "--workers", min=0, help="decoding processes (2D; 0: this one)"),
 ):
     """Predict class (and lesion) probabilities for image files, or per series for a sequence or 3D model
