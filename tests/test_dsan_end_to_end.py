@@ -113,6 +113,10 @@ def test_a_series_folder_a_nifti_and_a_zip_give_one_prediction(tiny_dsan_bundle,
     ratios = [r["infection_ratio"] for r in rows]
     assert ratios[1] == pytest.approx(ratios[0], abs=1e-5) and ratios[2] == pytest.approx(ratios[0], abs=1e-5)
     assert 0 <= ratios[0] <= 1 and rows[0]["attention_in_lungs"] > 0  # computed inside the segmented lungs
+    # a 3D model has no input check to relax: asking for it is an error, not silently ignored
+    proc = run(["predict", str(folder), "--checkpoint", str(tiny_dsan_bundle), "--unfamiliar", "predict"],
+               tmp_path / "home", check=False)
+    assert proc.returncode != 0 and "--unfamiliar predict is for 2D image models" in proc.stderr
 
 
 def test_the_onnx_export_of_the_ds_ensemble_matches_pytorch(tiny_dsan_bundle, tmp_path):

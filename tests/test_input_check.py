@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chestdx.data.input_check import (NOT_CHEST, REFERENCE_KEY, NotAChestImage, add_input_reference, check_input,
-                                      fit_reference, input_reference, manifest_images, measure, reference_distance)
+from chestdx.data.input_check import (NOT_CHEST, REFERENCE_KEY, UNFAMILIAR, NotAChestImage, add_input_reference,
+                                      check_input, fit_reference, input_reference, manifest_images, measure,
+                                      reference_distance)
 from chestdx.data.io import LoadedImage, decode_image, read_image
 from chestdx.errors import InputError
 
@@ -35,7 +36,9 @@ def _photo(name: str, grey: bool = False) -> LoadedImage:
 def _refused(image, reference=None, modality="CT") -> NotAChestImage:
     with pytest.raises(NotAChestImage) as info:
         check_input(image, reference, modality)
-    assert NOT_CHEST in info.value.reason
+    # far from the training images is not "not a chest image": a chest CT of another hospital can be
+    assert (UNFAMILIAR if info.value.rule == "statistics" else NOT_CHEST) in info.value.reason
+    assert (NOT_CHEST in info.value.reason) == (info.value.rule != "statistics")
     return info.value
 
 
@@ -89,6 +92,26 @@ def test_reference_refuses_photographs_in_colour_and_in_grey(ct_reference, name)
     assert grey.rule == "statistics"
     assert grey.details["distance"] > grey.details["limit"]
     assert "far outside the CT slices this model was trained on" in grey.reason
+
+
+def test_unfamiliar_images_measured_instead_of_refused_when_asked(ct_reference, ct_test_images):
+    grey = _refused(_photo("astronaut", grey=True), ct_reference)
+    measured = check_input(_photo("astronaut", grey=True), ct_reference, "CT", refuse_unfamiliar=False)
+    assert measured["unfamiliar"] and measured["distance"] == pytest.approx(grey.details["distance"])
+    assert measured["distance"] > measured["limit"] == pytest.approx(ct_reference["limit"])
+    passed = [check_input(image, ct_reference, "CT", refuse_unfamiliar=False) for image in ct_test_images]
+    assert all(d["limit"] == pytest.approx(ct_reference["limit"]) for d in passed)
+    assert sum(d["unfamiliar"] for d in passed) <= 1  # as the refusals of the test above
+    for image, d in zip(ct_test_images, passed):  # marked exactly where the default check refuses
+        try:
+            check_input(image, ct_reference, "CT")
+            assert not d["unfamiliar"]
+        except NotAChestImage as err:
+            assert d["unfamiliar"] and err.details["distance"] == pytest.approx(d["distance"])
+    # the rules that need only the image still refuse, and without a reference nothing is measured
+    with pytest.raises(NotAChestImage, match="looks blank"):
+        check_input(_png(BLANKS["white"], "white.png"), ct_reference, "CT", refuse_unfamiliar=False)
+    assert check_input(ct_test_images[0], None, "CT") is None
 
 
 def test_reference_refuses_blanks_and_noise(ct_reference):

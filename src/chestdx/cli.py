@@ -186,20 +186,30 @@ def predict(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="images per forward pass (2D models; "
                                              "default 4, chestdx.inference.BATCH_SIZE)"),
     workers: int = typer.Option(0, "--workers", min=0, help="decoding processes (2D; 0: this one)"),
+    unfamiliar: str = typer.Option("refuse", "--unfamiliar", help="images far from the model's training images "
+                                   "(input check distance over its limit): refuse, or predict them marked "
+                                   "unfamiliar (2D)"),
 ):
     """Predict class (and lesion) probabilities for image files, or per series for a sequence or 3D model
-    (each input one series: a DICOM folder, a NIfTI file or a folder of slice images)."""
+    (each input one series: a DICOM folder, a NIfTI file or a folder of slice images). An image's row
+    says how far it lies from the training images (input_distance, input_limit, unfamiliar)."""
+    from chestdx.data.input_check import UNFAMILIAR
     from chestdx.inference import BATCH_SIZE, expand_inputs, predictor_for, series_source
 
+    if unfamiliar not in ("refuse", "predict"):
+        raise ChestDxError(f"--unfamiliar {unfamiliar!r}: use refuse or predict")
     batch_size = batch_size or BATCH_SIZE
     predictor = predictor_for(checkpoint or _default_model(), backend, batch=batch_size)
     series = predictor.takes_series
+    if series and unfamiliar == "predict":
+        raise ChestDxError("--unfamiliar predict is for 2D image models; sequence and 3D models have no input check")
     if montage and not series:
         raise ChestDxError("--montage is for sequence and 3D models; use chestdx explain for images")
     files = expand_inputs(inputs, series=series)
     if not files:
         raise ChestDxError("no image files found in the given inputs")
     rows, failed, names = [], 0, set()
+    unlike = 0  # refused by the input check's distance rule alone
 
     def report(message):
         nonlocal failed
@@ -207,10 +217,12 @@ def predict(
         err_console.print(f"error: {message}", highlight=False, markup=False, soft_wrap=True)
 
     if not series:  # batched, decoded in worker processes
-        for path, result, error in predictor.predict_files(files, batch_size=batch_size, workers=workers):
+        for path, result, error in predictor.predict_files(files, batch_size=batch_size, workers=workers,
+                                                           refuse_unfamiliar=unfamiliar == "refuse"):
             if error is None:
                 rows.append({"path": str(path), **result})
             else:
+                unlike += error.endswith(UNFAMILIAR)  # the distance rule's reason ends so
                 report(error)
     for path in files if series else ():
         try:
@@ -223,6 +235,13 @@ def predict(
         console.print(f"{len(rows)} prediction(s) written to {out}")
     elif rows:
         print(json.dumps(rows, indent=2))
+    marked = sum(bool(r.get("unfamiliar")) for r in rows)
+    if unlike:
+        err_console.print(f"{unlike} of {len(files)} image(s) refused as unlike the model's training images; "
+                          "--unfamiliar predict gives their answers, marked unfamiliar", highlight=False, soft_wrap=True)
+    if marked:
+        err_console.print(f"{marked} of {len(rows)} prediction(s) are of images unlike the model's training "
+                          "images (unfamiliar: true): their answers are not reliable", highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(code=2)
 
@@ -251,6 +270,7 @@ def _safe_stem(path: Path) -> str:
 
 
 VOLUME_FIELDS = ("infection_ratio", "infection_ratio_source", "attention_in_lungs")
+DISTANCE_FIELDS = ("input_distance", "input_limit", "unfamiliar")  # an image's distance from the training images
 
 
 def _write_predictions(rows, out: Path):
@@ -270,7 +290,7 @@ def _write_predictions(rows, out: Path):
         for key, value in r.items():  # the other heads' probabilities (e.g. LA-DNN's lesions)
             if key not in ("path", "probabilities", "prediction", "threshold", "explanations") and isinstance(value, dict):
                 item.update({f"p_{k}": v for k, v in value.items()})
-        for key in VOLUME_FIELDS:  # a 3D model's infection ratio and attention inside the lungs
+        for key in VOLUME_FIELDS + DISTANCE_FIELDS:  # a 3D model's infection ratio and lung attention; distances
             if key in r:
                 item[key] = r[key]
         flat.append(item)

@@ -109,7 +109,10 @@ class Predictor:
         return {name: apply_temperature(p, self.temperature[name]) if name in self.temperature else p
                 for name, p in probs.items()}
 
-    def predict_source(self, source, name: str | None = None) -> dict:
+    def predict_source(self, source, name: str | None = None, refuse_unfamiliar: bool = True) -> dict:
+        """One input's result (`describe`); an image's also says how far it lies from the training
+        images (`with_distance`). `refuse_unfamiliar=False`: an image over the input check's distance
+        limit is predicted, marked, instead of refused (`check_input`)."""
         if self.sample == "sequence":
             return self.predict_series(source)[0]
         if self.sample == "volume":
@@ -117,39 +120,41 @@ class Predictor:
         image = read_image(source, name=name, hu_window=self.hu_window)
         if image.meta.get("frames", 1) > 1:
             raise InputError(name or source, f"{image.meta['frames']}-frame DICOM given to a 2D model; send one slice")
-        self.check_input(image)
+        check = self.check_input(image, refuse_unfamiliar)
         out = self.predict_tensor(self.preprocess(image.to_gray()))
-        return self.describe({k: v[0] for k, v in out.items()})
+        return with_distance(self.describe({k: v[0] for k, v in out.items()}), check)
 
-    def predict_files(self, paths, batch_size: int = BATCH_SIZE, workers: int = 0):
+    def predict_files(self, paths, batch_size: int = BATCH_SIZE, workers: int = 0, refuse_unfamiliar: bool = True):
         """Yield (path, result or None, error message or None) for image files, in order: decoded and
-        checked in `workers` processes, predicted in batches (the same result as `predict_source`)."""
-        loader = decode_loader(_FileInputs(list(paths), self), workers)
+        checked in `workers` processes, predicted in batches (the same result as `predict_source`, with
+        the input check's distance; `refuse_unfamiliar=False` predicts images over its limit, marked)."""
+        loader = decode_loader(_FileInputs(list(paths), self, refuse_unfamiliar), workers)
         pending = []
 
         def flush():
-            ready = [k for k, (_, x, _) in enumerate(pending) if x is not None]
+            ready = [k for k, (_, x, _, _) in enumerate(pending) if x is not None]
             results = [None] * len(pending)
             if ready:
                 out = self.predict_tensor(torch.cat([pending[k][1] for k in ready]))
                 for j, k in enumerate(ready):
-                    results[k] = self.describe({name: v[j] for name, v in out.items()})
-            batch = [(path, result, error) for (path, _, error), result in zip(pending, results)]
+                    results[k] = with_distance(self.describe({name: v[j] for name, v in out.items()}), pending[k][3])
+            batch = [(path, result, error) for (path, _, error, _), result in zip(pending, results)]
             pending.clear()
             return batch
 
-        for path, x, error in loader:
-            pending.append((path, x, error))
+        for item in loader:
+            pending.append(item)
             if len(pending) >= batch_size:
                 yield from flush()
         yield from flush()
 
-    def check_input(self, image) -> None:
+    def check_input(self, image, refuse_unfamiliar: bool = True) -> dict | None:
         """Refuse (InputError) an image this model does not read: blank, a photograph, another modality,
-        or far from its training images (`chestdx.data.input_check`)."""
+        or far from its training images unless `refuse_unfamiliar` is False (`chestdx.data.input_check`).
+        Returns its distance from the training images (None for a bundle without an input reference)."""
         from chestdx.data.input_check import check_input
 
-        check_input(image, self.input_reference, self.modality)
+        return check_input(image, self.input_reference, self.modality, refuse_unfamiliar)
 
     def read_series(self, source):
         """A series (DICOM folder, NIfTI file, slice folder) as the model's sequence: the drawn slices
@@ -243,6 +248,15 @@ class Predictor:
         return result
 
 
+def with_distance(result: dict, check: dict | None) -> dict:
+    """A result with the input check's distance from the training images and its limit, and whether the
+    image lies beyond it ("unfamiliar": predicted only when asked to be); as given without a reference."""
+    if check is None:
+        return result
+    return {**result, "input_distance": check["distance"], "input_limit": check["limit"],
+            "unfamiliar": bool(check["unfamiliar"])}
+
+
 @contextmanager
 def series_source(path):
     """A series as a path the volume readers take: a .zip of the series' files is unpacked to a
@@ -301,13 +315,15 @@ def model_input(load_steps, sample_steps, gray: np.ndarray) -> np.ndarray:
 
 
 class _FileInputs:
-    """Image files as model inputs (1, C, H, W), read and checked as `Predictor.predict_source` does;
-    a file that cannot be used gives its error message instead (DataLoader workers, picklable)."""
+    """Image files as (path, model input (1, C, H, W), None, input check's distance or None), read and
+    checked as `Predictor.predict_source` does; a file that cannot be used gives (path, None, its error
+    message, None) (DataLoader workers, picklable)."""
 
-    def __init__(self, paths, predictor: Predictor):
+    def __init__(self, paths, predictor: Predictor, refuse_unfamiliar: bool = True):
         self.paths, self.hu_window = paths, predictor.hu_window
         self.reference, self.modality = predictor.input_reference, predictor.modality
         self.load, self.sample = predictor.load_steps, predictor.sample_steps
+        self.refuse_unfamiliar = refuse_unfamiliar
 
     def __len__(self):
         return len(self.paths)
@@ -320,10 +336,10 @@ class _FileInputs:
             image = read_image(path, hu_window=self.hu_window)
             if image.meta.get("frames", 1) > 1:
                 raise InputError(path, f"{image.meta['frames']}-frame DICOM given to a 2D model; send one slice")
-            check_input(image, self.reference, self.modality)
-            return path, torch.from_numpy(model_input(self.load, self.sample, image.to_gray()))[None], None
+            check = check_input(image, self.reference, self.modality, self.refuse_unfamiliar)
+            return path, torch.from_numpy(model_input(self.load, self.sample, image.to_gray()))[None], None, check
         except ChestDxError as err:  # InputError and the pipeline's own refusals
-            return path, None, str(err)
+            return path, None, str(err), None
 
 
 def predictor_for(bundle_path, backend: str = "auto", threads: int | None = None,

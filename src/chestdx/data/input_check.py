@@ -4,7 +4,8 @@ A model asked about a blank frame, a holiday photograph or an MR slice still ans
 probability. `check_input` refuses such inputs with a reason instead, by raising
 `NotAChestImage`, a subclass of `InputError`: every caller that already turns an `InputError`
 into one clear line keeps working, and the service can answer 422 for this class (every
-reason also contains the phrase `NOT_CHEST`).
+reason also contains the phrase `NOT_CHEST`, except the statistical rule's, which contains
+`UNFAMILIAR`: a real chest CT from another hospital can lie that far from the training images).
 
 Rules that need only the image (they work for every bundle, with or without a reference):
 
@@ -65,7 +66,8 @@ from chestdx.errors import InputError
 
 REFERENCE_KEY = "input_reference"
 REFERENCE_FORMAT = "chestdx-input-reference-v1"
-NOT_CHEST = "not a chest image"  # in every refusal reason
+NOT_CHEST = "not a chest image"  # in every refusal reason of the rules that need only the image
+UNFAMILIAR = "this model cannot be trusted on it"  # in the reason of the statistical rule
 
 GRID = 128  # the (trimmed) grey image is area-resized to GRID x GRID for the statistics
 THUMB = 16  # and to THUMB x THUMB for the layout
@@ -386,8 +388,8 @@ def reference_distance(image, reference: dict) -> dict:
 # The check
 
 
-def _refuse(label, what: str, rule: str, **details):
-    raise NotAChestImage(label, f"{what}: {NOT_CHEST}", rule, details)
+def _refuse(label, what: str, rule: str, why: str = NOT_CHEST, **details):
+    raise NotAChestImage(label, f"{what}: {why}", rule, details)
 
 
 def check_modality(meta: dict, modality: str | None, label) -> None:
@@ -410,19 +412,23 @@ def check_body_part(meta: dict, label) -> None:
     _refuse(label, f"DICOM body part {part}, not the chest", "body_part", body_part=part)
 
 
-def check_input(image, reference: dict | None = None, modality: str | None = None) -> None:
+def check_input(image, reference: dict | None = None, modality: str | None = None,
+                refuse_unfamiliar: bool = True) -> dict | None:
     """Raise `NotAChestImage` (an `InputError`) when `image` (a `LoadedImage`) is not something
-    the model should be asked about; return None when it passes. `reference`: the bundle's
-    `REFERENCE_KEY` entry, or None (then only the rules that need no reference run). `modality`:
-    the bundle's "modality" ("CT" or "CXR"; default the reference's)."""
+    the model should be asked about. `reference`: the bundle's `REFERENCE_KEY` entry, or None
+    (then only the rules that need no reference run, and None is returned). `modality`: the
+    bundle's "modality" ("CT" or "CXR"; default the reference's). Returns the image's
+    `reference_distance` with "unfamiliar" (over the limit); `refuse_unfamiliar=False` returns
+    it for such an image instead of refusing it (the other rules still refuse)."""
     meta = getattr(image, "meta", {}) or {}
     modality = modality or (reference or {}).get("modality")
     check_modality(meta, modality, meta.get("path", "<image>"))
     check_body_part(meta, meta.get("path", "<image>"))
-    check_measures(measure(image.pixels, meta), meta, reference, modality)
+    return check_measures(measure(image.pixels, meta), meta, reference, modality, refuse_unfamiliar)
 
 
-def check_measures(m: dict, meta: dict, reference: dict | None = None, modality: str | None = None) -> None:
+def check_measures(m: dict, meta: dict, reference: dict | None = None, modality: str | None = None,
+                   refuse_unfamiliar: bool = True) -> dict | None:
     """`check_input` on an image already measured (`measure`), without the DICOM header rules."""
     label = meta.get("path", "<image>")
     modality = modality or (reference or {}).get("modality")
@@ -443,12 +449,15 @@ def check_measures(m: dict, meta: dict, reference: dict | None = None, modality:
         noun = MODALITY_NOUN.get(modality, "a CT slice or radiograph")
         _refuse(label, f"a colour picture ({m['colour_fraction']:.0%} of the pixels coloured), not {noun}",
                 "colour", colour_fraction=m["colour_fraction"])
-    if reference:
-        d = reference_distance(m, reference)
-        if d["distance"] > d["limit"]:
-            seen = MODALITY_WORDS.get(modality or "", "images")
-            _refuse(label, f"intensity and layout statistics far outside the {seen} this model was trained on "
-                           f"(distance {d['distance']:.2f}, limit {d['limit']:.2f})", "statistics", **d)
+    if not reference:
+        return None
+    d = reference_distance(m, reference)
+    d["unfamiliar"] = d["distance"] > d["limit"]
+    if d["unfamiliar"] and refuse_unfamiliar:
+        seen = MODALITY_WORDS.get(modality or "", "images")
+        _refuse(label, f"intensity and layout statistics far outside the {seen} this model was trained on "
+                       f"(distance {d['distance']:.2f}, limit {d['limit']:.2f})", "statistics", UNFAMILIAR, **d)
+    return d
 
 
 def input_reference(bundle: dict) -> dict | None:

@@ -269,7 +269,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                 image = decode_image(data, name, max_pixels=settings.max_pixels, hu_window=predictor.hu_window)
                 if image.meta.get("frames", 1) > 1:
                     raise InputError(name, f"{image.meta['frames']}-frame DICOM; send one slice")
-                predictor.check_input(image)  # not a chest image: no diagnosis
+                predictor.check_input(image)  # not a chest image, or unlike the training images: no diagnosis
             except InputError as err:
                 raise ServiceError(_input_status(err), err.reason, name) from None
             t_decode = time.perf_counter()
