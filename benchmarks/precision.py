@@ -32,7 +32,7 @@ REPEATS = 3
 
 
 class FixedBatch:
-    """A compiled graph with its batch fixed, called like chestdx's OnnxModel: x -> dict of tensors
+    """An OpenVINO graph with its batch fixed, called like chestdx's OnnxModel: x -> dict of tensors
     (a last, partial batch padded with zero rows, which are dropped again)."""
 
     def __init__(self, run, names, batch: int):
@@ -46,20 +46,12 @@ class FixedBatch:
         return {name: torch.from_numpy(np.asarray(v)[:n]) for name, v in zip(self.names, self.run(image))}
 
 
-def ort_model(path: Path, batch: int) -> FixedBatch:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.add_free_dimension_override_by_name("batch", batch)
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return FixedBatch(lambda image: session.run(names, {"image": image}), names, batch)
-
-
-def int8_model(onnx_path: Path, calibration: list[torch.Tensor], batch: int, work: Path) -> FixedBatch:
+def int8_model(onnx_path: Path, calibration: list[torch.Tensor], batch: int, work: Path):
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from chestdx.export import OnnxModel
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -75,7 +67,7 @@ def int8_model(onnx_path: Path, calibration: list[torch.Tensor], batch: int, wor
     quantize_static(str(prepared), str(quantized), Reader(), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax)
-    return ort_model(quantized, batch)
+    return OnnxModel(quantized, batch=batch)  # the batch fixed as `chestdx predict` runs the fp32 export
 
 
 def openvino_model(onnx_path: Path, precision: str, batch: int) -> FixedBatch:

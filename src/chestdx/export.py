@@ -238,7 +238,7 @@ class OnnxModel:
         """Each output by name; `features`: also the CAM target layers' feature maps (if exported)."""
         image = np.ascontiguousarray(x.numpy(), dtype=np.float32)
         n = len(image)
-        padded = bool(self.batch) and self.batch < n * 2 < self.batch * 2
+        padded = bool(self.batch) and self.batch // 2 < n < self.batch
         if padded:
             # a folder's last, partial batch: zero rows up to the fixed size (each row is predicted on
             # its own). The dynamic graphs are 40% slower per image at 32, and their first call builds
